@@ -21,6 +21,12 @@ def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _check_model(recipe: Recipe) -> None:
+    from edgeft.modeling import resolve_model
+
+    resolve_model(recipe.model.name)
+
+
 def _save_recipe(recipe: Recipe, run_dir: Path) -> str:
     text = recipe.to_yaml()
     write_text_atomic(run_dir / "recipe.yaml", text)
@@ -36,7 +42,9 @@ def run(recipe: Recipe, run_dir: str | Path, *, force: bool = False, show_progre
     """Run every stage the recipe names, in order, into a fresh run folder."""
     from edgeft.data import load_dataset
 
-    dataset = load_dataset(recipe.data, seed=recipe.seed)  # bad data fails before the folder is made
+    # Bad data or a bad model fails before the run folder is made.
+    dataset = load_dataset(recipe.data, seed=recipe.seed)
+    _check_model(recipe)
     run_dir = prepare_run_dir(run_dir, force=force)
     recipe_sha = _save_recipe(recipe, run_dir)
     done: list[str] = []
@@ -71,6 +79,7 @@ def finetune_stage(recipe: Recipe, run_dir: str | Path, *, force: bool = False, 
     from edgeft.finetune import finetune
 
     dataset = load_dataset(recipe.data, seed=recipe.seed)
+    _check_model(recipe)
     run_dir = prepare_run_dir(run_dir, force=force)
     recipe_sha = _save_recipe(recipe, run_dir)
     try:

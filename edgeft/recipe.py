@@ -74,8 +74,9 @@ class RecoveryConfig(_Strict):
 
 
 class PruneConfig(_Strict):
-    heads: float = Field(0.33, ge=0, lt=1, description="fraction of attention heads to remove")
-    ffn: float = Field(0.5, ge=0, lt=1, description="fraction of FFN intermediate neurons to remove")
+    heads: float = Field(0.33, ge=0, lt=1, description="fraction of attention heads to remove, the same count in "
+                         "every layer (each layer keeps at least one)")
+    ffn: float = Field(0.5, ge=0, lt=1, description="fraction of FFN intermediate neurons to remove in every layer")
     importance_samples: int = Field(512, gt=0, description="training samples used to score importance")
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
 
@@ -87,7 +88,7 @@ class ExportConfig(_Strict):
 
 class OptimizeConfig(_Strict):
     enabled: bool = True
-    level: int = Field(2, ge=0, le=99, description="ORT transformers optimizer level")
+    level: int = Field(2, ge=0, le=99, description="ORT transformers optimizer level: 0, 1, 2 or 99")
 
 
 class CalibrationConfig(_Strict):

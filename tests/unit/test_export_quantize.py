@@ -1,0 +1,180 @@
+"""ONNX export, graph optimisation and int8 quantization on a tiny in-process BERT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgeft.errors import DataError, ModelError
+
+TEXTS = ["good movie", "the plot was very dull and the actor was poor", "not a great film", "superb scene",
+         "a bad story", "the film is fine"]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, tmp_path_factory):
+    from edgeft.export import export_onnx
+
+    (tiny_model_dir / "edgeft.json").write_text(json.dumps({"max_length": 32, "label_names": ["c0", "c1"]}))
+    out = tmp_path_factory.mktemp("onnx")
+    return export_onnx(tiny_model_dir, out / "onnx", opset=17)
+
+
+@pytest.fixture(scope="module")
+def torch_ref(tiny_model_dir):
+    from edgeft.modeling import load_classifier, load_tokenizer
+    from edgeft.train import predict_logits
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_classifier(str(tiny_model_dir))
+    return tok, predict_logits(model, tok, TEXTS, max_length=32, batch_size=4)
+
+
+def _ort_logits(path, tok, batch_size=4):
+    from edgeft.onnx_eval import make_session, onnx_logits
+
+    return onnx_logits(make_session(path), tok, TEXTS, max_length=32, batch_size=batch_size)
+
+
+def test_export_is_checked_dynamic_and_self_contained(exported, torch_ref):
+    import onnx
+
+    tok, ref = torch_ref
+    folder = exported.parent
+    for name in ("config.json", "edgeft.json", "vocab.txt", "tokenizer_config.json"):
+        assert (folder / name).is_file(), name
+    model = onnx.load(str(exported))
+    onnx.checker.check_model(model)
+    assert model.opset_import[0].version == 17
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert all(isinstance(d, str) for d in dims["input_ids"])  # batch and sequence are dynamic
+    # different batch sizes (=> different padded lengths) give the torch logits
+    for bs in (1, 4):
+        np.testing.assert_allclose(_ort_logits(exported, tok, bs), ref, atol=1e-4)
+
+
+def test_optimize_fuses_and_keeps_parity(exported, torch_ref, tmp_path):
+    from edgeft.export import optimize_onnx
+
+    tok, ref = torch_ref
+    path, fused = optimize_onnx(exported, tmp_path / "opt", level=1)
+    assert fused.get("Attention") == 2 and fused.get("SkipLayerNormalization", 0) >= 2
+    assert fused.get("EmbedLayerNormalization") == 1
+    assert (tmp_path / "opt" / "edgeft.json").is_file()
+    np.testing.assert_allclose(_ort_logits(path, tok), ref, atol=1e-4)
+    with pytest.raises(ModelError, match="optimizer level"):
+        optimize_onnx(exported, tmp_path / "bad", level=5)
+
+
+def test_attention_fusion_survives_head_pruning(tiny_model_dir, tmp_path):
+    from edgeft.export import export_onnx, optimize_onnx
+    from edgeft.modeling import load_classifier, load_tokenizer
+    from edgeft.prune import PrunePlan, prune
+    from edgeft.train import predict_logits
+
+    model, tok = load_classifier(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    prune(model, PrunePlan(heads={0: [0], 1: [1, 2]}, ffn_keep={0: list(range(32)), 1: list(range(32, 64))}))
+    model.save_pretrained(tmp_path / "pruned")
+    tok.save_pretrained(tmp_path / "pruned")
+    onnx_path = export_onnx(tmp_path / "pruned", tmp_path / "onnx")
+    opt, fused = optimize_onnx(onnx_path, tmp_path / "opt", level=2)
+    assert fused.get("Attention") == 2  # uneven heads per layer still fuse
+    ref = predict_logits(model, tok, TEXTS, max_length=32)
+    np.testing.assert_allclose(_ort_logits(opt, tok), ref, atol=1e-4)
+
+
+def test_quantize_dynamic_loads_and_agrees(exported, torch_ref, tmp_path):
+    from edgeft.export import op_counts, optimize_onnx
+    from edgeft.quantize import quantizable_nodes, quantize_dynamic
+
+    tok, ref = torch_ref
+    opt, _ = optimize_onnx(exported, tmp_path / "opt", level=1)
+    q = quantize_dynamic(opt, tmp_path / "int8" / "model.onnx", per_channel=True)
+    counts = op_counts(q)
+    assert counts.get("QAttention") == 2 and counts.get("MatMulInteger", 0) >= 4
+    logits = _ort_logits(q, tok)
+    assert np.abs(logits - ref).max() < 0.05
+    assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 5 / 6
+    # excluded nodes stay float
+    nodes = quantizable_nodes(opt)
+    assert "Attention_0" in nodes or any(n.startswith("Attention") for n in nodes)
+    matmuls = [n for n in nodes if "MatMul" in n]
+    q2 = quantize_dynamic(opt, tmp_path / "int8b" / "model.onnx", exclude=matmuls[:1])
+    assert op_counts(q2).get("MatMulInteger", 0) == counts["MatMulInteger"] - 1
+
+
+def test_quantize_static_qdq(exported, torch_ref, tmp_path):
+    from edgeft.export import op_counts
+    from edgeft.quantize import calibration_feeds, quantize_static
+
+    tok, ref = torch_ref
+    feeds = calibration_feeds(exported, tok, TEXTS * 4, max_length=32)
+    for method in ("minmax", "percentile"):
+        q = quantize_static(exported, tmp_path / method / "model.onnx", feeds, method=method)
+        assert op_counts(q).get("QuantizeLinear", 0) > 0
+        logits = _ort_logits(q, tok)
+        assert np.abs(logits - ref).max() < 0.1
+    with pytest.raises(DataError, match="calibration set too small"):
+        quantize_static(exported, tmp_path / "small" / "model.onnx", feeds[:3])
+
+
+def test_corrupt_and_escaping_onnx_are_refused(exported, tmp_path):
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    from edgeft.export import optimize_onnx
+    from edgeft.onnx_eval import make_session
+    from edgeft.quantize import quantize_dynamic
+
+    truncated = tmp_path / "trunc" / "model.onnx"
+    truncated.parent.mkdir()
+    truncated.write_bytes(exported.read_bytes()[: exported.stat().st_size // 3])
+    for call in (lambda: make_session(truncated), lambda: optimize_onnx(truncated, tmp_path / "o"),
+                 lambda: quantize_dynamic(truncated, tmp_path / "q" / "model.onnx")):
+        with pytest.raises(ModelError, match="not a valid ONNX file|fails the ONNX checker|cannot load"):
+            call()
+    # external data pointing outside the model folder
+    model = onnx.load(str(exported))
+    big = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    (tmp_path / "secret.bin").write_bytes(big.raw_data)
+    set_external_data(big, location="../secret.bin", offset=0, length=len(big.raw_data))
+    big.ClearField("raw_data")
+    escaping = tmp_path / "esc" / "model.onnx"
+    escaping.parent.mkdir()
+    escaping.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match="external data"):
+        make_session(escaping)
+    with pytest.raises(ModelError, match="external data"):
+        quantize_dynamic(escaping, tmp_path / "q2" / "model.onnx")
+
+
+def test_optimum_baseline_is_self_contained(tiny_model_dir, torch_ref, tmp_path):
+    from edgeft.export import op_counts
+    from edgeft.quantize import optimum_baseline
+
+    tok, ref = torch_ref
+    path = optimum_baseline(Path(tiny_model_dir), tmp_path / "optimum")
+    assert path == tmp_path / "optimum" / "model.onnx"
+    assert sorted(p.name for p in path.parent.glob("*.onnx")) == ["model.onnx"]
+    assert (path.parent / "config.json").is_file() and (path.parent / "vocab.txt").is_file()
+    assert op_counts(path).get("MatMulInteger", 0) > 0
+    assert np.abs(_ort_logits(path, tok) - ref).max() < 0.1
+    with pytest.raises(Exception, match="already exists"):
+        optimum_baseline(Path(tiny_model_dir), tmp_path / "optimum")
+
+
+def test_exclusion_steps():
+    from edgeft.quantize import exclusion_steps
+
+    assert exclusion_steps(0) == []
+    assert exclusion_steps(1) == [1]
+    assert exclusion_steps(8) == [1, 2, 4, 8]
+    assert exclusion_steps(6) == [1, 2, 4, 6]
+
+
+def test_torch_reference_is_deterministic(torch_ref):
+    assert torch.isfinite(torch.as_tensor(torch_ref[1])).all()
