@@ -29,5 +29,19 @@ test: install
 test-unit: install
 	$(VENV)/bin/pytest -q -m "not integration"
 
+# The project's own suite: compress twice (int8, pruned+int8) + the plain optimum path, benched side by
+# side in one process -> bench/results/. RUN=runs/<x> reuses a fine-tuned run (else it fine-tunes one).
+bench: install
+	$(PY) bench/suite.py $(if $(RUN),--run $(RUN))
+
+# Gate demonstration: a baseline, 5 repeats (must pass), a 1-thread run (must fire).
+gate-check: install
+	$(PY) bench/gate_check.py $(if $(RUN),--run $(RUN))
+
+# GPU servers: onnxruntime-gpu replaces onnxruntime (the two packages clash in one environment).
+install-gpu: install
+	$(PY) -m pip uninstall -y onnxruntime
+	$(PY) -m pip install onnxruntime-gpu
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -52,7 +52,7 @@ def bench_once(run: Path, work: Path, out: Path, threads: int, secs: float, n_ev
                          threads=threads, secs=secs, n_eval=n_eval)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True)
-    print(f"  benched {out} ({threads} threads) in {time.perf_counter() - t0:.0f}s", flush=True)
+    print(f"  benched {out} (intra-op threads: {threads}) in {time.perf_counter() - t0:.0f}s", flush=True)
     return out / "bench.json"
 
 
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-eval-samples", type=int, default=500)
     ap.add_argument("--threshold", default="10%")
     ap.add_argument("--scratch", type=Path, default=ROOT / "runs" / "gate-check")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
 
     run = args.run or args.work / "finetune"
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['run']:<24} exit {r['exit']} (expected {r['expected']}): "
               f"{'as expected' if r['exit'] == r['expected'] else 'UNEXPECTED'}")
     good = all(r["exit"] == r["expected"] for r in rows)
-    out = ROOT / "bench" / "results" / f"{time.strftime('%Y%m%d-%H%M')}-gate-check.json"
+    out = args.results / f"{time.strftime('%Y%m%d-%H%M')}-gate-check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"baseline": str(args.baseline), "threshold": args.threshold, "rows": rows,
                                "as_expected": good}, indent=2) + "\n")

@@ -1,5 +1,27 @@
 """bench.json (versioned, raw samples kept), bench.md (table with ratios vs the reference) and bench.png
-(latency vs accuracy, one point per model and runtime), all written atomically."""
+(latency vs accuracy, one point per model and runtime), all written atomically.
+
+bench.json, schema ``edgeft.bench/1``:
+
+- ``schema``, ``title``, ``created`` (UTC ISO), ``wall_s``
+- ``environment``: python/platform, ``cpu`` (model, cores, int8/bf16 flags, has_vnni, has_amx_int8),
+  ``versions`` (torch, onnxruntime, transformers, ...), ``threads`` (intra_op, inter_op=1, torch's own),
+  ``gpu`` (or null), ``ort_providers``, ``machine_start`` / ``machine_end`` (load average, CPU %)
+- ``config``: the BenchConfig used; ``method``: how it was timed, per (batch, seq) plans and seconds
+- ``runtimes``: every known runtime -> present, reason when absent, selected
+- ``reference``: {model, runtime, precision} the ratios are taken against (null when none ran)
+- ``eval``: dataset, split, n, sha256 of the texts+labels, label_names (null without a dataset)
+- ``models``: name, format (hf|onnx), path, precision, size_mb, sha256 of each file
+- ``results``: one per (model, runtime, precision, batch, seq); ``key`` = "model/runtime/precision/bB/sS";
+  ``status`` ok|skipped (+ ``reason``); when ok: ``latency_ms`` and ``e2e_latency_ms`` (n, mean, stdev,
+  min, max, p25, p50, p75, p90, p99, iqr, mad, cv, cv_robust, outliers, is_unstable, is_p99_reliable),
+  raw ``samples_ms`` / ``e2e_samples_ms``, ``throughput_samples_per_s`` (engine, e2e), ``size_mb``,
+  ``load_ms``, ``memory`` (peak_rss_mb, rss_delta_mb, is_exact_peak, gpu_mb, at_shape), ``providers`` (ORT),
+  ``timing`` (warm-up calls/seconds/settled, block, discarded), ``accuracy``, ``macro_f1``, ``agreement`` and
+  ``max_abs_logit_diff`` vs the reference, ``speedup_vs_reference``, ``e2e_speedup_vs_reference``,
+  ``size_ratio_vs_reference``, ``accuracy_delta_vs_reference``, ``is_reference``
+- ``warnings``: unstable variants, unsettled warm-ups, p99 from < 1000 samples, busy machine
+"""
 
 from __future__ import annotations
 
@@ -106,16 +128,17 @@ def render_png(report: dict) -> bytes:
                         label=f"{r['model']} · {r['runtime']} {r['precision']}")
             speed = f" ({r['speedup_vs_reference']:.2f}x)" if r.get("speedup_vs_reference") else ""
             ax.annotate(f"{r['model']}{speed}", (x, y), textcoords="offset points",
-                        xytext=(6, 6 + 9 * (i % 4)), fontsize=7)  # staggered: points often overlap
+                        xytext=(6, 7 if i % 2 == 0 else -13), fontsize=7)  # above / below: neighbours overlap
         ax.set_xlabel(f"engine latency p50 (ms), bars p25-p90 · batch {b}, seq {s}")
         ax.set_ylabel("accuracy" if have_acc else "(no accuracy: no dataset)")
         ax.grid(alpha=0.3)
         ax.set_xlim(left=0)
+        ax.margins(y=0.2)
         if pts:
             ax.legend(fontsize=7, loc="lower right")
     title = report.get("title") or "edgeft bench"
     cpu = report["environment"].get("cpu", {}).get("model", "")
-    fig.suptitle(f"{title}: latency vs accuracy ({cpu}, intra-op threads: {report['environment']['threads']['intra_op']})",
+    fig.suptitle(f"{title}\nlatency vs accuracy · {cpu} · intra-op threads: {report['environment']['threads']['intra_op']}",
                  fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -101,3 +101,31 @@ def test_gate_cli_other_model_set_and_bad_threshold(tmp_path):
     assert_one_line_error(invoke("gate", other, "--baseline", base), "different model sets")
     assert_one_line_error(invoke("gate", base, "--baseline", base, "--max-latency-regression", "ten"),
                           "not a fraction")
+
+
+def _run_folder(tmp_path, tiny_model_dir, report_text):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "finetuned")
+    (run / ".edgeft-run").write_text("test\n")
+    (run / "compress").mkdir()
+    (run / "compress" / "report.json").write_text(report_text)
+    return run
+
+
+@pytest.mark.parametrize("report_text, needle", [
+    ("{truncated", "not a valid compress report"),
+    ('{"artifacts": {"onnx_int8": "../../../etc"}}', "points outside"),
+    ('{"artifacts": {"onnx_int8": "int8/model.onnx"}}', "not found"),
+])
+def test_bench_bad_run_folder(tmp_path, data_arg, tiny_model_dir, report_text, needle):
+    run = _run_folder(tmp_path, tiny_model_dir, report_text)
+    assert_one_line_error(invoke("bench", run, "--data", data_arg, "--out", tmp_path / "o"), needle)
+
+
+def test_bench_run_folder_without_finetuned(tmp_path, data_arg):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".edgeft-run").write_text("x")
+    assert_one_line_error(invoke("bench", tmp_path / "run", "--data", data_arg, "--out", tmp_path / "o"),
+                          "has no finetuned/")

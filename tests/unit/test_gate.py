@@ -73,6 +73,21 @@ def test_unstable_is_inconclusive_and_fails(tmp_path):
     assert "INCONCLUSIVE" in res.render() and "robust CV" in res.render()
 
 
+def test_noise_the_ci_resolves_does_not_block(tmp_path):
+    # robust CV ~12% (like int8 runs on a shared 2-core box) but 3000 samples: the median is known to ~1%
+    res = run(tmp_path, cur_kw={"sigma": 0.12, "n": 3000}, base_kw={"sigma": 0.12, "n": 3000})
+    assert res.exit_code == 0, res.render()
+    assert "noisy" in res.render()
+    res = run(tmp_path, cur_kw={"sigma": 0.12, "n": 3000, "scale": {"onnx_int8": 1.2}},
+              base_kw={"sigma": 0.12, "n": 3000})
+    assert res.verdict == "regression"
+
+
+def test_ci_wider_than_threshold_is_inconclusive(tmp_path):
+    res = run(tmp_path, cur_kw={"sigma": 0.15, "n": 40}, base_kw={"sigma": 0.15, "n": 40})
+    assert res.verdict == "inconclusive" and "too noisy to resolve" in res.render()
+
+
 def test_big_noisy_shift_with_few_samples_is_not_a_pass(tmp_path):
     res = run(tmp_path, cur_kw={"n": 10, "scale": {"onnx_int8": 1.5}}, base_kw={"n": 10})
     assert res.exit_code == 1 and res.verdict == "inconclusive" and "too few samples" in res.render()
