@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = 17) -> 
     # optimum prints a lot and warns about things that do not apply here; keep the console clean.
     quiet = io.StringIO()
     try:
-        with contextlib.redirect_stdout(quiet), quiet_logs():
+        with contextlib.redirect_stdout(quiet), quiet_logs(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer/deprecation warnings that do not apply to these models
             # The packaged MiniLM folder also holds sentence-transformers files (modules.json): without
             # library_name optimum would export a sentence-embedding model instead of the classifier.
             main_export(str(model_dir), output=str(tmp), task="text-classification", library_name="transformers",

@@ -10,13 +10,13 @@ from edgeft.cli import cli
 
 pytestmark = pytest.mark.integration
 
-SMALL = ["--set", "data.max_train_samples=600", "--set", "data.max_eval_samples=200"]
+SMALL = ["--set", "data.max_train_samples=1200", "--set", "data.max_eval_samples=200"]
 
 
 def test_compress_real_minilm(tmp_path):
     run = tmp_path / "run"
     r = CliRunner().invoke(cli, ["finetune", "recipes/minilm-rotten-tomatoes.yaml", "--out", str(run), "--quiet",
-                                 *SMALL, "--set", "finetune.epochs=1", "--set", "finetune.lr=8e-5"],
+                                 *SMALL, "--set", "finetune.epochs=1", "--set", "finetune.lr=1e-4"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, [
@@ -39,11 +39,11 @@ def test_compress_real_minilm(tmp_path):
     assert steps["optimize"]["fused_operators"].get("Attention") == 6
     assert steps["optimize"]["fused_operators"].get("SkipLayerNormalization", 0) >= 12
     # int8 is small and still agrees with its float parent
-    assert steps["quantize"]["size_mb"] < 0.30 * steps["export"]["size_mb"] * 1.2
+    assert steps["quantize"]["size_mb"] < 0.30 * steps["export"]["size_mb"]
     assert steps["quantize"]["agreement_vs_parent"]["validation"] > 0.9
     assert steps["quantize"]["cpu_int8"]["flags"] is not None
     # the fine-tuned model beats chance and the compressed one is still a classifier
-    assert steps["finetuned"]["validation"]["accuracy"] > 0.6
-    assert steps["quantize"]["validation"]["accuracy"] > 0.55
+    assert steps["finetuned"]["validation"]["accuracy"] > 0.62
+    assert steps["quantize"]["validation"]["accuracy"] > 0.58
     manifest = json.loads((run / "manifest.json").read_text())
     assert "compress/int8/model.onnx" in manifest["files"]
