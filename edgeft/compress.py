@@ -232,9 +232,11 @@ def compress(model_dir: Path, recipe: Recipe, dataset: Dataset, out_dir: Path, *
         if cfg.optimize.enabled:
             t0 = time.perf_counter()
             opt_path, fused = optimize_onnx(onnx_path, (tmp / OPTIMIZED).parent, level=cfg.optimize.level,
-                                            model_type=float_model.config.model_type, src_dir=onnx_path.parent)
+                                            model_type=float_model.config.model_type, src_dir=onnx_path.parent,
+                                            layernorm=cfg.optimize.layernorm)
             step = _onnx_step("optimize", opt_path, tmp, ev, parent_logits, float_step=True, atol=cfg.export.atol,
-                              extra={"level": cfg.optimize.level, "fused_operators": fused})
+                              extra={"level": cfg.optimize.level, "layernorm": cfg.optimize.layernorm,
+                                     "fused_operators": fused})
             step.update(goal_fields(step))
             step["seconds"] = time.perf_counter() - t0
             steps.append(step)

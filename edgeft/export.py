@@ -27,6 +27,7 @@ FUSED_OPS = ("EmbedLayerNormalization", "Attention", "MultiHeadAttention", "Skip
              "LayerNormalization", "BiasGelu", "Gelu", "FastGelu", "FusedMatMul", "QAttention",
              "QEmbedLayerNormalization", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 OPT_LEVELS = (0, 1, 2, 99)
+LAYERNORM_MODES = ("instance-norm", "fused")
 
 
 def copy_side_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
@@ -97,11 +98,13 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = 17) -> 
 
 
 def optimize_onnx(onnx_path: str | Path, out_dir: str | Path, *, level: int = 1, model_type: str = "bert",
-                  src_dir: str | Path | None = None) -> tuple[Path, dict[str, int]]:
+                  src_dir: str | Path | None = None, layernorm: str = "instance-norm") -> tuple[Path, dict[str, int]]:
     """Apply ONNX Runtime's transformer fusions (attention, skip-layer-norm, GELU, embed-layer-norm).
 
     ``level`` 0: python fusions only; 1: ORT basic + fusions; 2/99: also ORT's extended/layout
-    rewrites (CPU-specific graph). Returns the optimized path and the fused-operator counts.
+    rewrites (CPU-specific graph). ``layernorm="instance-norm"`` then rewrites the (Skip)LayerNorms
+    with :func:`layernorm_as_instance_norm`. Returns the optimized path and the fused-operator counts
+    (``LayerNormAsInstanceNorm``: how many were rewritten).
     """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
@@ -119,12 +122,89 @@ def optimize_onnx(onnx_path: str | Path, out_dir: str | Path, *, level: int = 1,
     with quiet_logs():
         optimized = optimize_model(str(onnx_path), model_type=ort_model_type(model_type), num_heads=0,
                                    hidden_size=0, optimization_options=options, opt_level=level, use_gpu=False)
+    if layernorm not in LAYERNORM_MODES:
+        raise ModelError(f"compress.optimize.layernorm={layernorm!r} is not a layer-norm mode",
+                         f"use one of {', '.join(LAYERNORM_MODES)}")
+    rewritten = layernorm_as_instance_norm(optimized.model) if layernorm == "instance-norm" else 0
     target = out_dir / ONNX_NAME
     optimized.save_model_to_file(str(target), use_external_data_format=False)
     copy_side_files(src_dir or onnx_path.parent, out_dir)
     check_onnx(target)
-    counts = op_counts(target)
-    return target, {k: v for k, v in counts.items() if k in FUSED_OPS}
+    counts = {k: v for k, v in op_counts(target).items() if k in FUSED_OPS}
+    if rewritten:
+        counts["LayerNormAsInstanceNorm"] = rewritten
+    return target, counts
+
+
+def layernorm_as_instance_norm(model) -> int:
+    """Rewrite every last-axis ``LayerNormalization`` / ``SkipLayerNormalization`` of an ONNX
+    ModelProto, in place, as ``[Add skip, Add bias] -> Reshape [-1, 1, H] -> InstanceNormalization
+    -> Reshape back -> Mul gamma -> Add beta``. Same function (within float rounding); returns the
+    number of nodes rewritten.
+
+    Why: ONNX Runtime's CPU LayerNorm kernels cost ~4.5 ns per element here (116 us for one
+    [1, 128, 384] SkipLayerNorm on 2 threads, vs 19 us for torch's add + layer_norm), which made
+    LayerNorm ~29% of int8 MiniLM's time; InstanceNormalization over rows computes the same
+    normalisation in ~25 us. On GPU keep the fused op (``layernorm: fused``).
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    consumers = Counter(x for n in graph.node for x in n.input)
+    consumers.update(o.name for o in graph.output)
+    nodes, rewritten, by_width = [], 0, {}
+    for n in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "SkipLayerNormalization" and n.domain == "com.microsoft":
+            x, skip, gamma = n.input[0], n.input[1], n.input[2]
+            beta = n.input[3] if len(n.input) > 3 and n.input[3] else None
+            bias = n.input[4] if len(n.input) > 4 and n.input[4] else None
+            extra_out = [o for o in n.output[1:3] if o and consumers[o]]  # mean / inv-std: not rewritten
+            sum_out = n.output[3] if len(n.output) > 3 and n.output[3] else None
+        elif n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx") and attrs.get("axis", -1) == -1:
+            x, skip, gamma = n.input[0], None, n.input[1]
+            beta = n.input[2] if len(n.input) > 2 and n.input[2] else None
+            bias, sum_out = None, None
+            extra_out = [o for o in n.output[1:] if o and consumers[o]]
+        else:
+            nodes.append(n)
+            continue
+        if extra_out or len(shapes.get(gamma, ())) != 1:
+            nodes.append(n)  # statistics consumed downstream, or gamma not a constant vector: keep it
+            continue
+        width = shapes[gamma][0]
+        if width not in by_width:
+            by_width[width] = f"edgeft_ln_rows_{width}"
+            graph.initializer.append(numpy_helper.from_array(np.array([-1, 1, width], np.int64), by_width[width]))
+        if rewritten == 0:
+            graph.initializer.extend([numpy_helper.from_array(np.ones(1, np.float32), "edgeft_ln_one"),
+                                      numpy_helper.from_array(np.zeros(1, np.float32), "edgeft_ln_zero")])
+        p = n.name or f"ln_{rewritten}"
+        total = x
+        # The matmul bias first: ORT folds "MatMul(Integer) + Add bias" into one kernel at load time.
+        for other, tag in ((bias, "bias"), (skip, "skip")):
+            if other:
+                nodes.append(helper.make_node("Add", [total, other], [f"{p}/{tag}_sum"], name=f"{p}/add_{tag}"))
+                total = f"{p}/{tag}_sum"
+        if sum_out:
+            nodes.append(helper.make_node("Identity", [total], [sum_out], name=f"{p}/sum_out"))
+        y = n.output[0]
+        nodes += [
+            helper.make_node("Reshape", [total, by_width[width]], [f"{p}/rows"], name=f"{p}/rows"),
+            helper.make_node("InstanceNormalization", [f"{p}/rows", "edgeft_ln_one", "edgeft_ln_zero"],
+                             [f"{p}/normed_rows"], name=f"{p}/norm", epsilon=float(attrs.get("epsilon", 1e-5))),
+            helper.make_node("Shape", [total], [f"{p}/shape"], name=f"{p}/shape"),
+            helper.make_node("Reshape", [f"{p}/normed_rows", f"{p}/shape"], [f"{p}/normed"], name=f"{p}/unrows"),
+            helper.make_node("Mul", [f"{p}/normed", gamma], [f"{p}/scaled"] if beta else [y], name=f"{p}/gamma"),
+        ]
+        if beta:
+            nodes.append(helper.make_node("Add", [f"{p}/scaled", beta], [y], name=f"{p}/beta"))
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return rewritten
 
 
 @contextlib.contextmanager

@@ -89,6 +89,9 @@ class ExportConfig(_Strict):
 class OptimizeConfig(_Strict):
     enabled: bool = True
     level: int = Field(2, ge=0, le=99, description="ORT transformers optimizer level: 0, 1, 2 or 99")
+    layernorm: Literal["instance-norm", "fused"] = Field(
+        "instance-norm", description="instance-norm: (Skip)LayerNorm rewritten for ORT CPU's faster "
+                                     "InstanceNormalization kernel; fused: keep ORT's fused op (GPU)")
 
 
 class CalibrationConfig(_Strict):

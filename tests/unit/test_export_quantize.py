@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,12 @@ TEXTS = ["good movie", "the plot was very dull and the actor was poor", "not a g
 def exported(tiny_model_dir, tmp_path_factory):
     from edgeft.export import export_onnx
 
-    (tiny_model_dir / "edgeft.json").write_text(json.dumps({"max_length": 32, "label_names": ["c0", "c1"]}))
+    # A private copy: the session-wide tiny model must not gain an edgeft.json other tests do not expect.
+    model_dir = tmp_path_factory.mktemp("tiny-with-meta") / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "edgeft.json").write_text(json.dumps({"max_length": 32, "label_names": ["c0", "c1"]}))
     out = tmp_path_factory.mktemp("onnx")
-    return export_onnx(tiny_model_dir, out / "onnx", opset=17)
+    return export_onnx(model_dir, out / "onnx", opset=17)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +65,61 @@ def test_optimize_fuses_and_keeps_parity(exported, torch_ref, tmp_path):
     from edgeft.export import optimize_onnx
 
     tok, ref = torch_ref
-    path, fused = optimize_onnx(exported, tmp_path / "opt", level=1)
-    assert fused.get("Attention") == 2 and fused.get("SkipLayerNormalization", 0) >= 2
+    path, fused = optimize_onnx(exported, tmp_path / "fused", level=1, layernorm="fused")
+    assert fused.get("Attention") == 2 and fused.get("SkipLayerNormalization", 0) == 4
     assert fused.get("EmbedLayerNormalization") == 1
-    assert (tmp_path / "opt" / "edgeft.json").is_file()
+    assert (tmp_path / "fused" / "edgeft.json").is_file()
     np.testing.assert_allclose(_ort_logits(path, tok), ref, atol=1e-4)
+    # default: the four skip-layer-norms become InstanceNormalization over rows, same logits
+    path, fused = optimize_onnx(exported, tmp_path / "opt", level=1)
+    assert fused.get("LayerNormAsInstanceNorm") == 4 and "SkipLayerNormalization" not in fused
+    assert fused.get("Attention") == 2
+    np.testing.assert_allclose(_ort_logits(path, tok), ref, atol=1e-4)
+    with pytest.raises(ModelError, match="layer-norm mode"):
+        optimize_onnx(exported, tmp_path / "bad-ln", layernorm="rms")
     with pytest.raises(ModelError, match="optimizer level"):
         optimize_onnx(exported, tmp_path / "bad", level=5)
+
+
+def _layernorm_graph(kind: str):
+    """One (Skip)LayerNormalization on [batch, seq, 8] with gamma/beta (and bias, sum output for skip)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    vi = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["b", "s", 8])  # noqa: E731
+    inits = [numpy_helper.from_array(rng.normal(size=8).astype(np.float32), n) for n in ("gamma", "beta", "bias")]
+    if kind == "skip":
+        node = helper.make_node("SkipLayerNormalization", ["x", "skip", "gamma", "beta", "bias"],
+                                ["y", "", "", "sum"], domain="com.microsoft", epsilon=1e-5, name="sln")
+        inputs, outputs = [vi("x"), vi("skip")], [vi("y"), vi("sum")]
+    else:
+        node = helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5)
+        inputs, outputs = [vi("x")], [vi("y")]
+    graph = helper.make_graph([node], "ln", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("kind", ["skip", "plain"])
+def test_layernorm_as_instance_norm_is_the_same_function(kind):
+    import onnx
+    import onnxruntime as ort
+
+    from edgeft.export import layernorm_as_instance_norm
+
+    model = _layernorm_graph(kind)
+    rng = np.random.default_rng(1)
+    feeds = {i.name: (rng.normal(size=(3, 5, 8)) * 4 + 1).astype(np.float32) for i in model.graph.input}
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
+    before = run(model)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    assert layernorm_as_instance_norm(rewritten) == 1
+    onnx.checker.check_model(rewritten)
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert "InstanceNormalization" in ops and not {"LayerNormalization", "SkipLayerNormalization"} & set(ops)
+    after = run(rewritten)
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_attention_fusion_survives_head_pruning(tiny_model_dir, tmp_path):
