@@ -31,10 +31,15 @@ TARGETS = {"edgeft-int8": 3.0, "edgeft-pruned-int8": 4.5}  # speed-up vs torch f
 
 
 def _recipe(run_dir: Path, overrides: list[str]):
+    """The fine-tune run's data and seed, with the project's current compress settings (the suite measures
+    what the default recipe does today, not what it did when the checkpoint was made)."""
     from edgeft.recipe import load_recipe
 
-    path = run_dir / "recipe.yaml" if (run_dir / "recipe.yaml").is_file() else DEFAULT_RECIPE
-    return load_recipe(path, overrides)
+    recipe = load_recipe(DEFAULT_RECIPE, overrides)
+    if (run_dir / "recipe.yaml").is_file():
+        ran = load_recipe(run_dir / "recipe.yaml")
+        recipe = recipe.model_copy(update={"data": ran.data, "seed": ran.seed})
+    return recipe
 
 
 def ensure_finetuned(run: Path | None, work: Path) -> Path:
