@@ -334,7 +334,8 @@ def bench_models(specs: list[ModelSpec], cfg: BenchConfig, dataset, out_dir: Pat
         "environment": env,
         "config": cfg.model_dump(mode="json"),
         "method": {
-            "description": "variants interleaved round by round in one process after per-variant warm-up "
+            "description": "variants interleaved round by round in one process after per-variant warm-up, "
+                           "idling 50 ms before each block so other runtimes' spinning threads are asleep "
                            "(see edgeft/bench/timing.py); engine-only = synthetic batch of exactly seq tokens, "
                            "inputs converted outside the timed call; e2e = real texts tokenized (padding and "
                            "truncation to seq) + inference + argmax inside the timed call; ORT CUDA timings "

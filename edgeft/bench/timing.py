@@ -7,8 +7,11 @@ Method (recorded in bench.json under ``method``):
    ``warmup_max_s``. Whether it settled is recorded.
 2. Rounds. In each round every variant runs one block of calls; blocks are sized to take about the same
    wall time (``block_ms``) so every variant is sampled over the whole measuring period and drift of the
-   machine hits all alike. The first call of every block is not recorded: it pays for the switch from the
-   previous variant (caches, other pools' spinning threads). The starting variant rotates each round.
+   machine hits all alike. Before each block the process idles ``switch_idle_ms``: an ONNX Runtime
+   session's worker threads keep spinning for ~30-40 ms after its last call, and on 2 cores that halves
+   the speed of whatever runs next (measured: int8 MiniLM 9.9 ms instead of 5.0 ms for its first five
+   calls after another session's block). The first call of every block is not recorded either: it pays
+   for the switch (caches, sleeping pools waking up). The starting variant rotates each round.
 3. Stop once every variant holds ``target_samples``, or the budget is spent; past the budget, go on (up to
    twice the budget) only while some variant holds fewer than ``min_samples``.
 
@@ -41,7 +44,8 @@ class TimingPlan:
     min_samples: int = 200
     target_samples: int = 1000  # ~p99
     budget_s: float = 60.0  # for all variants together
-    block_ms: float = 60.0
+    block_ms: float = 150.0
+    switch_idle_ms: float = 50.0  # > the ~40 ms other runtimes' idle threads keep spinning
     warmup_min_iters: int = 20
     warmup_min_s: float = 0.5
     warmup_max_s: float = 8.0
@@ -49,7 +53,7 @@ class TimingPlan:
 
     def describe(self) -> dict:
         return {"min_samples": self.min_samples, "target_samples": self.target_samples, "budget_s": self.budget_s,
-                "block_ms": self.block_ms, "warmup_min_iters": self.warmup_min_iters,
+                "block_ms": self.block_ms, "switch_idle_ms": self.switch_idle_ms, "warmup_min_iters": self.warmup_min_iters,
                 "warmup_min_s": self.warmup_min_s, "warmup_max_s": self.warmup_max_s,
                 "settle_tolerance": self.settle_tolerance}
 
@@ -101,6 +105,7 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], plan: TimingPlan,
             order = names[rnd % len(names):] + names[:rnd % len(names)]
             for name in order:
                 t, fn = timings[name], fns[name]
+                time.sleep(plan.switch_idle_ms / 1000)  # let the previous variant's threads stop spinning
                 fn()  # switch call: not recorded
                 t.discarded += 1
                 t.samples_ms.extend(_call_ms(fn) for _ in range(t.block))

@@ -97,7 +97,8 @@ def test_interleaved_timing_plan():
             time.sleep(seconds)
         return fn
 
-    plan = TimingPlan(min_samples=30, target_samples=60, budget_s=5.0, block_ms=4.0, warmup_min_iters=10,
+    plan = TimingPlan(min_samples=30, target_samples=60, budget_s=5.0, block_ms=4.0,
+                      switch_idle_ms=0.5, warmup_min_iters=10,
                       warmup_min_s=0.0, warmup_max_s=0.2)
     t = measure_interleaved({"fast": make("fast", 0.0005), "slow": make("slow", 0.002)}, plan)
     assert min(len(x.samples_ms) for x in t.values()) >= 60  # stopped at the target, well before the budget
@@ -108,7 +109,8 @@ def test_interleaved_timing_plan():
     measured = calls[-(t["fast"].discarded * 2):]
     assert measured.count("fast") > 0 and "slow" in measured[:len(measured) // 2]
     # the budget wins over the target, but not over min_samples
-    plan = TimingPlan(min_samples=5, target_samples=10_000, budget_s=0.2, block_ms=2.0, warmup_min_iters=10,
+    plan = TimingPlan(min_samples=5, target_samples=10_000, budget_s=0.2, block_ms=2.0,
+                      switch_idle_ms=0.5, warmup_min_iters=10,
                       warmup_min_s=0.0, warmup_max_s=0.1)
     t0 = time.perf_counter()
     t = measure_interleaved({"a": make("a", 0.001)}, plan)
