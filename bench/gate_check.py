@@ -21,9 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import suite  # noqa: E402  (bench/suite.py, same folder)
 
 RUNNER = """
 import sys, json

@@ -182,6 +182,15 @@ def compress(model_dir: Path, recipe: Recipe, dataset: Dataset, out_dir: Path, *
         return {"accuracy_drop_points": drop, "test_accuracy_drop_points": test_drop,
                 "meets_goal": bool(drop <= cfg.max_accuracy_drop + 1e-9)}
 
+    def record_onnx_step(step: dict, artifact: str, rel: str, t0: float) -> np.ndarray:
+        """Goal fields, timing, and bookkeeping of an ONNX step; returns its logits (the next parent's)."""
+        step.update(goal_fields(step))
+        step["seconds"] = time.perf_counter() - t0
+        steps.append(step)
+        artifacts[artifact] = rel
+        candidates.append(step)
+        return step.pop("_logits")
+
     with atomic_dir(out_dir) as tmp:
         # ------------------------------------------------ baseline: the fine-tuned fp32 model
         t0 = time.perf_counter()
@@ -219,12 +228,7 @@ def compress(model_dir: Path, recipe: Recipe, dataset: Dataset, out_dir: Path, *
         step = _onnx_step("export", onnx_path, tmp, ev, parent_logits, float_step=True, atol=cfg.export.atol,
                           extra={"opset": cfg.export.opset, "exporter": "optimum", "checker": "passed",
                                  "dynamic_axes": ["batch_size", "sequence_length"]})
-        step.update(goal_fields(step))
-        step["seconds"] = time.perf_counter() - t0
-        steps.append(step)
-        artifacts["onnx_fp32"] = ONNX_FP32
-        candidates.append(step)
-        parent_logits, parent_path = step.pop("_logits"), onnx_path
+        parent_logits, parent_path = record_onnx_step(step, "onnx_fp32", ONNX_FP32, t0), onnx_path
         log(f"  onnx fp32: max |diff| {step['max_abs_logit_diff_vs_parent']:.2e}, "
             f"validation acc {step['validation']['accuracy']:.4f}, {step['size_mb']:.1f} MB")
 
@@ -237,12 +241,7 @@ def compress(model_dir: Path, recipe: Recipe, dataset: Dataset, out_dir: Path, *
             step = _onnx_step("optimize", opt_path, tmp, ev, parent_logits, float_step=True, atol=cfg.export.atol,
                               extra={"level": cfg.optimize.level, "layernorm": cfg.optimize.layernorm,
                                      "fused_operators": fused})
-            step.update(goal_fields(step))
-            step["seconds"] = time.perf_counter() - t0
-            steps.append(step)
-            artifacts["onnx_optimized"] = OPTIMIZED
-            candidates.append(step)
-            parent_logits, parent_path = step.pop("_logits"), opt_path
+            parent_logits, parent_path = record_onnx_step(step, "onnx_optimized", OPTIMIZED, t0), opt_path
             log(f"  optimized (level {cfg.optimize.level}): fused {_fmt_counts(fused)}; "
                 f"max |diff| {step['max_abs_logit_diff_vs_parent']:.2e}")
 
@@ -252,8 +251,7 @@ def compress(model_dir: Path, recipe: Recipe, dataset: Dataset, out_dir: Path, *
             # QDQ (static) cannot wrap ORT's fused contrib ops, so static starts from the plain export;
             # ORT fuses the QDQ graph when the session loads it.
             q_src = parent_path if cfg.quantize.mode == "dynamic" else onnx_path
-            q_parent_logits = parent_logits
-            step = _quantize_step(q_src, tmp, recipe, dataset, ev, tokenizer, meta, q_parent_logits,
+            step = _quantize_step(q_src, tmp, recipe, dataset, ev, tokenizer, meta, parent_logits,
                                   parent_meets_goal=candidates[-1]["meets_goal"], goal_fields=goal_fields, log=log)
             step["seconds"] = time.perf_counter() - t0
             steps.append(step)

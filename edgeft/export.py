@@ -112,6 +112,9 @@ def optimize_onnx(onnx_path: str | Path, out_dir: str | Path, *, level: int = 1,
     if level not in OPT_LEVELS:
         raise ModelError(f"compress.optimize.level={level} is not an ONNX Runtime optimizer level",
                          f"use one of {', '.join(map(str, OPT_LEVELS))}")
+    if layernorm not in LAYERNORM_MODES:
+        raise ModelError(f"compress.optimize.layernorm={layernorm!r} is not a layer-norm mode",
+                         f"use one of {', '.join(LAYERNORM_MODES)}")
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     load_onnx_checked(onnx_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,9 +125,6 @@ def optimize_onnx(onnx_path: str | Path, out_dir: str | Path, *, level: int = 1,
     with quiet_logs():
         optimized = optimize_model(str(onnx_path), model_type=ort_model_type(model_type), num_heads=0,
                                    hidden_size=0, optimization_options=options, opt_level=level, use_gpu=False)
-    if layernorm not in LAYERNORM_MODES:
-        raise ModelError(f"compress.optimize.layernorm={layernorm!r} is not a layer-norm mode",
-                         f"use one of {', '.join(LAYERNORM_MODES)}")
     rewritten = layernorm_as_instance_norm(optimized.model) if layernorm == "instance-norm" else 0
     target = out_dir / ONNX_NAME
     optimized.save_model_to_file(str(target), use_external_data_format=False)

@@ -15,8 +15,9 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def make_session(path: str | Path, *, threads: int | None = None, optimize: bool = True):
-    """A CPU session for ``path`` after the external-data check; ``threads`` intra-op threads, 1 inter-op."""
+def make_session(path: str | Path, *, threads: int | None = None, optimize: bool = True,
+                 providers: list[str] | tuple[str, ...] = ("CPUExecutionProvider",)):
+    """A session for ``path`` after the external-data check; ``threads`` intra-op threads, 1 inter-op."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -28,7 +29,7 @@ def make_session(path: str | Path, *, threads: int | None = None, optimize: bool
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     try:
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), so, providers=list(providers))
     except Exception as e:  # ORT raises its own exception types for bad graphs
         raise ModelError(f"ONNX Runtime cannot load {path} ({' '.join(str(e).split())[:200]})",
                          "re-export the model") from None

@@ -79,7 +79,7 @@ def quantize_dynamic(src: str | Path, dst: str | Path, *, per_channel: bool = Tr
 
 
 class _Reader:
-    """CalibrationDataReader over tokenized samples, one sample (batch 1, no padding) per call."""
+    """CalibrationDataReader over tokenized samples, one sample (batch 1, padded to max_length) per call."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]):
         self._it = iter(feeds)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,27 +274,13 @@ class TorchEngine(Engine):
 
 class OrtEngine(Engine):
     def __init__(self, path: Path, runtime: str, precision: str, threads: int):
-        import onnxruntime as ort
+        from edgeft.onnx_eval import make_session
 
-        from edgeft.safeio import check_onnx_external_data
-
-        check_onnx_external_data(path)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
         wanted = ORT_PROVIDER[runtime]
         providers = {"ort-cpu": ["CPUExecutionProvider"],
                      "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                      "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}[runtime]
-        try:
-            sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            msg = re.sub(r"\s+", " ", str(e))[:200]
-            raise ModelError(f"{path} fails to load in onnxruntime ({type(e).__name__}: {msg})",
-                             "re-export the model; check it with 'python -m onnx.checker'") from None
+        sess = make_session(path, threads=threads, providers=providers)
         got = sess.get_providers()
         if not got or got[0] != wanted:
             raise RuntimeUnavailable(f"{runtime}: onnxruntime created the session on {got[0] if got else 'nothing'}, "

@@ -83,7 +83,7 @@ def test_pruning_zeroed_heads_and_neurons_keeps_logits(tiny_model_dir):
 
 
 def test_pruned_model_saves_and_reloads_identically(tiny, tiny_model_dir, tmp_path):
-    from edgeft.modeling import load_classifier, load_tokenizer
+    from edgeft.modeling import load_classifier
 
     model, tok = load_classifier(str(tiny_model_dir)), tiny[1]
     imp = importance(model, tok, tiny_split(), max_length=32, samples=16)
