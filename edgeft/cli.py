@@ -242,6 +242,63 @@ def recipe_cmd(recipe, overrides, reference):
     click.echo(_recipe(recipe, overrides).to_yaml(), nl=False)
 
 
+@cli.command("serve")
+@click.argument("bundle", type=click.Path())
+@click.option("--host", default=None, help="Address to bind (host; default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="TCP port (port; default 8000).")
+@click.option("--keys", type=click.Path(dir_okay=False), default=None,
+              help="API key file from `edgeft keys add` (keys); without it there is no access control.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML file of ServeConfig fields (between the bundle's defaults and --set).")
+@set_opt
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (threads; default: usable cores).")
+@click.option("--max-batch-size", type=int, default=None, help="Texts per batch (max_batch_size; 1 = no batching).")
+@click.option("--insecure-no-auth-public", is_flag=True, default=None,
+              help="Allow a non-loopback --host without --keys (insecure_no_auth_public).")
+@click.option("--print-config", is_flag=True, help="Print the resolved ServeConfig as YAML and exit.")
+@_guard
+def serve_cmd(bundle, host, port, keys, config_file, overrides, threads, max_batch_size, insecure_no_auth_public,
+              print_config):
+    """Serve BUNDLE (from `edgeft ship`) over HTTP: KServe V2 / Triton API, TEI-style /predict, /metrics.
+
+    Settings: the bundle's serving defaults, then --config, then --set KEY=VALUE, then flags.
+    SIGTERM drains and exits 0; SIGHUP reloads the key file.
+    """
+    from edgeft.bundle import read_manifest
+    from edgeft.serve.config import resolve_config
+
+    manifest = read_manifest(bundle)
+    cfg = resolve_config(manifest.get("serving") if isinstance(manifest.get("serving"), dict) else None,
+                         config_file, overrides,
+                         {"host": host, "port": port, "keys": keys, "threads": threads, "max_batch_size": max_batch_size,
+                          "insecure_no_auth_public": insecure_no_auth_public})
+    if print_config:
+        click.echo(cfg.to_yaml(), nl=False)
+        return
+    from edgeft.serve.server import serve
+
+    sys.exit(serve(bundle, cfg))
+
+
+@cli.group("keys")
+def keys_cmd() -> None:
+    """Manage API keys for `edgeft serve` (only SHA-256 digests are stored)."""
+
+
+@keys_cmd.command("add")
+@click.argument("keyfile", type=click.Path(dir_okay=False))
+@click.option("--id", "key_id", default=None, help="Key id shown in logs (default key<N>).")
+@_guard
+def keys_add(keyfile, key_id):
+    """Create a key, store its digest in KEYFILE (mode 0600) and print the key ONCE."""
+    from edgeft.serve.auth import add_key
+
+    kid, key = add_key(keyfile, key_id)
+    click.echo(key)
+    click.echo(f"key id {kid} added to {keyfile}; the key above is not stored anywhere, keep it now "
+               "(running servers pick it up on SIGHUP)", err=True)
+
+
 def main() -> None:
     cli(prog_name="edgeft")
 
