@@ -102,6 +102,6 @@ def config_reference() -> str:
     """Markdown table of every ServeConfig field (for the README)."""
     rows = ["| field | type | default | description |", "|---|---|---|---|"]
     for name, f in ServeConfig.model_fields.items():
-        tname = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("pathlib.", "")
+        tname = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("pathlib.", "").replace(" | ", " or ")
         rows.append(f"| `{name}` | `{tname}` | `{f.get_default()!r}` | {f.description or ''} |")
     return "\n".join(rows) + "\n"

@@ -203,3 +203,11 @@ def test_codec_binary_roundtrip_and_json_shapes():
     assert req.texts == ["x", "y"] and {o.name for o in req.outputs} == {"logits", "label"}
     with pytest.raises(CodecError, match="Inference-Header-Content-Length"):
         parse_infer(head + blob, "abc", max_items=8)
+
+
+def test_readme_has_the_current_serve_config_table():
+    from pathlib import Path
+
+    from edgeft.serve.config import config_reference
+
+    assert config_reference() in (Path(__file__).parents[2] / "README.md").read_text()
