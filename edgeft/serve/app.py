@@ -250,9 +250,8 @@ async def _inference(state: ServerState, request: Request, handler):
         state.pending += 1
         admitted = True
         m.pending.inc()
-        started = ctx["t0"]
         body = await _read_body(state, request)
-        resp = await handler.run(state, request, body, started + state.config.request_timeout_s)
+        resp = await handler.run(state, request, body, ctx["t0"] + state.config.request_timeout_s)
     except HTTPError as e:
         ctx["reason"] = e.reason
         if e.reason:
@@ -261,6 +260,9 @@ async def _inference(state: ServerState, request: Request, handler):
     except ClientGone:
         ctx["reason"] = "client_gone"
         resp = Response(status_code=499)  # nobody reads it; recorded as 499 like nginx
+    except Exception as e:  # a bug or a failed inference: one log line (no text, no key), 500, keep serving
+        log.error("internal error on %s: %s: %s", request.url.path[:200], type(e).__name__, str(e)[:200])
+        resp = handler.error(HTTPError(500, "internal server error"))
     finally:
         if admitted:
             state.pending -= 1
@@ -353,9 +355,14 @@ class _TEI:
 
 
 def build_app(info: ModelInfo, config: ServeConfig, engine, metrics: Metrics | None = None,
-              keys: KeyStore | None = None) -> Starlette:
+              keys: KeyStore | None = None):
+    """The ASGI app (routes wrapped in the request-id / access-log middleware); its ``.state`` is the
+    ServerState (set ``state.shutting_down`` on SIGTERM, call ``state.keys.reload()`` on SIGHUP).
+    Pass ``metrics.observe_batch`` to the engine so batches are counted."""
     metrics = metrics or Metrics(latency_budget_s=config.latency_budget_ms / 1000, queue_capacity=config.queue_capacity)
     metrics.build_info.labels(__version__, info.digest, info.name).set(1)
+    if keys is None and config.keys is not None:
+        keys = KeyStore(config.keys)  # never serve without the keys the config names
     limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps > 0 else None
     state = ServerState(config, info, engine, metrics, keys, limiter)
 

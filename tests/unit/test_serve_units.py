@@ -211,3 +211,67 @@ def test_readme_has_the_current_serve_config_table():
     from edgeft.serve.config import config_reference
 
     assert config_reference() in (Path(__file__).parents[2] / "README.md").read_text()
+
+
+class FakeEngine:
+    """Any object with labels / is_ready / async predict can sit behind the routes (e.g. a Ray Serve batch)."""
+
+    labels = ["neg", "pos"]
+
+    def __init__(self, fail=False):
+        self.calls, self.fail = 0, fail
+
+    def is_ready(self):
+        return True
+
+    async def predict(self, texts, deadline):
+        from edgeft.serve.engine import Prediction
+
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("boom")
+        return [Prediction(np.array([0.0, float(len(t))], dtype=np.float32), len(t)) for t in texts]
+
+
+def _asgi(engine, **cfg):
+    import httpx
+
+    from edgeft.serve.app import ModelInfo, build_app
+    from edgeft.serve.config import ServeConfig
+
+    app = build_app(ModelInfo("m", "1", FakeEngine.labels, "d" * 64, 16), ServeConfig(**cfg), engine)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+def test_routes_with_another_engine_rate_limit_and_internal_errors(tmp_path):
+    path = tmp_path / "keys"
+    _, key = add_key(path, "k1")
+    engine = FakeEngine()
+    h = {"Authorization": f"Bearer {key}"}
+
+    async def with_keys():
+        import httpx
+
+        from edgeft.serve.app import ModelInfo, build_app
+        from edgeft.serve.config import ServeConfig
+
+        app = build_app(ModelInfo("m", "1", FakeEngine.labels, "d" * 64, 16),
+                        ServeConfig(keys=path, rate_limit_rps=0.5, rate_limit_burst=2), engine)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            rs = [await c.post("/predict", json={"inputs": "abc"}, headers=h) for _ in range(3)]
+            metrics = (await c.get("/metrics")).text
+        return rs, metrics
+
+    rs, metrics = asyncio.run(with_keys())
+    assert [r.status_code for r in rs] == [200, 200, 429]
+    assert rs[0].json()[0] == {"label": "pos", "score": pytest.approx(1 / (1 + np.exp(-3)))}
+    assert int(rs[2].headers["retry-after"]) >= 1 and "rate limit" in rs[2].json()["error"]
+    assert 'edgeft_rejections_total{reason="rate_limited"} 1.0' in metrics and engine.calls == 2
+
+    async def failing():
+        async with _asgi(FakeEngine(fail=True)) as c:
+            return await c.post("/v2/models/m/infer", json={"inputs": [{"name": "text", "datatype": "BYTES",
+                                                                        "shape": [1], "data": ["x"]}]})
+
+    r = asyncio.run(failing())
+    assert r.status_code == 500 and r.json() == {"error": "internal server error"}
