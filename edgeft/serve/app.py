@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from edgeft import __version__
 from edgeft.serve.auth import KeyStore, RateLimiter
-from edgeft.serve.codec import CodecError, InferRequest, OutputSpec, TooManyItems, check_text, encode_infer, parse_infer
+from edgeft.serve.codec import CodecError, TooManyItems, check_text, encode_infer, parse_infer
 from edgeft.serve.config import ServeConfig
 from edgeft.serve.engine import EngineUnavailable
 from edgeft.serve.metrics import Metrics
@@ -272,9 +272,6 @@ async def _inference(state: ServerState, request: Request, handler):
 
 
 class _V2:
-    def __init__(self, version_in_path: bool):
-        self.version_in_path = version_in_path
-
     async def check(self, state, request):
         p = request.path_params
         _check_model(state, p["model"], p.get("version"))
@@ -404,13 +401,10 @@ def build_app(info: ModelInfo, config: ServeConfig, engine, metrics: Metrics | N
         ok = state.ready()
         return JSONResponse({"name": info.name, "ready": ok}, status_code=200 if ok else 503)
 
-    v2, v2v, tei = _V2(False), _V2(True), _TEI()
+    v2, tei = _V2(), _TEI()
 
     async def infer(request):
         return await _inference(state, request, v2)
-
-    async def infer_v(request):
-        return await _inference(state, request, v2v)
 
     async def predict(request):
         return await _inference(state, request, tei)
@@ -451,7 +445,7 @@ def build_app(info: ModelInfo, config: ServeConfig, engine, metrics: Metrics | N
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}/versions/{version}/infer", infer_v, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/predict", predict, methods=["POST"]), Route("/info", info_route), Route("/health", health),
         Route("/metrics", metrics_route),
     ]

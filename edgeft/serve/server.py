@@ -152,7 +152,6 @@ def build_server(bundle_path: str | Path, config: ServeConfig):
 def serve(bundle_path: str | Path, config: ServeConfig) -> int:
     """Run the server until SIGTERM/SIGINT; return the exit code (0 after a clean drain)."""
     setup_logging(config.log_level)
-    t_exec = time.monotonic()
     holder = {}
 
     def _after(sig, frame):  # uvicorn re-raises the signal it handled once it has drained: ignore that one
@@ -183,7 +182,9 @@ def serve(bundle_path: str | Path, config: ServeConfig) -> int:
             log.info("listening on http://%s:%s", sock[0], sock[1])
             while not engine.is_ready():
                 await asyncio.sleep(0.05)
-            log.info("ready after %.2f s from start", time.monotonic() - t_exec)
+            import psutil
+
+            log.info("ready %.2f s after the process started", time.time() - psutil.Process().create_time())
 
         t = asyncio.ensure_future(announce())
         try:
