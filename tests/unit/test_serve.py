@@ -463,30 +463,56 @@ def test_refuses_public_bind_without_keys(bundle):
     assert r.returncode == 2 and "unknown field" in r.stderr
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(bundle, tmp_path, reference):
-    # The worker waits up to 2 s for batch-mates, so the requests are still queued when SIGTERM lands.
-    srv = Server(bundle, tmp_path / "drain.log", "--set", "max_queue_delay_ms=2000", "--set", "warmup_batches=1")
+@pytest.fixture(scope="module")
+def slow_server(bundle, tmp_path_factory):
+    """No keys; the worker waits up to 2 s for batch-mates, so requests stay queued long enough to act on."""
+    srv = Server(bundle, tmp_path_factory.mktemp("slow") / "slow.log", "--set", "max_queue_delay_ms=2000",
+                 "--set", "warmup_batches=1")
     try:
-        srv.wait_ready()
-        results = []
-
-        def call(i):
-            results.append(httpx.post(srv.url + INFER, json=v2(TEXTS[:1]), timeout=20))
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        t_end = time.monotonic() + 10
-        mc = httpx.Client(base_url=srv.url)
-        while (pending := metric(mc, "edgeft_pending_requests")) != 8:
-            assert time.monotonic() < t_end, (pending, results, srv.log()[-3000:])
-            time.sleep(0.02)
-        srv.signal(signal.SIGTERM)
-        for t in threads:
-            t.join(20)
-        assert srv.proc.wait(20) == 0
+        yield srv.wait_ready()
     finally:
         srv.stop()
+
+
+def _wait_pending(client, n, timeout=10):
+    t_end = time.monotonic() + timeout
+    while (pending := metric(client, "edgeft_pending_requests")) != n:
+        assert time.monotonic() < t_end, pending
+        time.sleep(0.02)
+
+
+def test_client_that_leaves_while_queued_is_never_computed(slow_server, reference):
+    c = httpx.Client(base_url=slow_server.url)
+    batches = metric(c, "edgeft_batch_size_count")
+    body = json.dumps(v2(["left before compute"])).encode()
+    s = socket.create_connection(("127.0.0.1", slow_server.port))
+    s.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    _wait_pending(c, 1)
+    s.close()  # the client leaves while its request waits in the queue
+    _wait_pending(c, 0)
+    time.sleep(2.3)  # past the worker's batch-collection window
+    assert metric(c, "edgeft_batch_size_count") == batches  # dropped before compute
+    assert metric(c, "edgeft_requests_total", '{status="499"}') == 1
+    r = c.post(INFER, json=v2(TEXTS))
+    assert r.status_code == 200 and metric(c, "edgeft_batch_size_count") == batches + 1
+    np.testing.assert_allclose(logits_of(r), reference, atol=1e-4)
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(slow_server, reference):
+    srv = slow_server
+    results = []
+
+    def call():
+        results.append(httpx.post(srv.url + INFER, json=v2(TEXTS[:1]), timeout=20))
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    _wait_pending(httpx.Client(base_url=srv.url), 8)  # all 8 admitted and queued
+    srv.signal(signal.SIGTERM)
+    for t in threads:
+        t.join(20)
+    assert srv.proc.wait(20) == 0
     assert [r.status_code for r in results] == [200] * 8
     for r in results:
         np.testing.assert_allclose(logits_of(r), reference[:1], atol=1e-4)
