@@ -140,7 +140,14 @@ class BatchingEngine:
                 except queue.Empty:
                     break
                 self._take(rows, job)
-            self._run_one(rows)
+            try:
+                self._run_one(rows)
+            except Exception as e:  # never let the only worker die: fail what it held, keep serving
+                log.exception("batch failed")
+                for job in {id(j): j for j, _ in rows}.values():
+                    job.cancelled = True
+                    job.finish(exc=RuntimeError(f"inference failed ({type(e).__name__})"))
+                rows.clear()
 
     def _take(self, rows: deque, job: _Job) -> None:
         rows.extend((job, i) for i in range(len(job.texts)))

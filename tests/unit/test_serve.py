@@ -414,6 +414,19 @@ def test_flood_beyond_the_queue_gets_503_and_others_are_served(server, keyfile, 
     assert_good(client, reference)
 
 
+def test_connection_cap_answers_503(server, client, reference):
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(64)]  # max_connections=64
+    try:
+        time.sleep(0.2)
+        r = httpx.get(server.url + "/v2/health/live", timeout=5)
+        assert r.status_code == 503
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(0.2)
+    assert_good(client, reference)
+
+
 def test_client_disconnecting_while_queued_does_not_hurt(server, keyfile, client, reference):
     body = json.dumps(v2(TEXTS * 4)).encode()
     head = (f"POST {INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {keyfile[1]}\r\n"

@@ -275,3 +275,23 @@ def test_routes_with_another_engine_rate_limit_and_internal_errors(tmp_path):
 
     r = asyncio.run(failing())
     assert r.status_code == 500 and r.json() == {"error": "internal server error"}
+
+
+def test_engine_survives_a_failing_batch():
+    class Flaky(SlowRunner):
+        def encode(self, texts):
+            if "boom" in texts:
+                raise ValueError("tokenizer failed")
+            return super().encode(texts)
+
+    eng = _engine(Flaky(), max_queue_delay_ms=0)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="inference failed"):
+            await eng.predict(["boom"], time.monotonic() + 5)
+        return await eng.predict(["ok"], time.monotonic() + 5)
+
+    try:
+        assert asyncio.run(main())[0].logits[0] == 2
+    finally:
+        eng.stop()
