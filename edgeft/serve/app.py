@@ -432,8 +432,12 @@ def build_app(info: ModelInfo, config: ServeConfig, engine, metrics: Metrics | N
         return Response(metrics.render(), headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def not_found(request, exc):
-        return _error(getattr(exc, "status_code", 404), f"no route {request.method} {request.url.path[:200]}"
-                      if getattr(exc, "status_code", 404) == 404 else str(getattr(exc, "detail", "error")))
+        status = getattr(exc, "status_code", 404)
+        if status == 405:
+            allow = (getattr(exc, "headers", None) or {}).get("Allow", "")
+            return _error(405, f"method {request.method} not allowed on {request.url.path[:200]}; use {allow}",
+                          {"Allow": allow} if allow else None)
+        return _error(status, f"no route {request.method} {request.url.path[:200]}")
 
     async def internal(request, exc):
         log.error("internal error on %s: %s", request.url.path[:200], type(exc).__name__)

@@ -305,6 +305,7 @@ def test_long_empty_and_odd_unicode_texts(client, reference):
     ("/v2/models/other/infer", 404), ("/v2/models/tiny/versions/2/infer", 404),
     ("/v2/models/../tiny/infer", 404), ("/v2/models/tiny%2F..%2Fx/infer", 404), ("/v2/models/%2e%2e/infer", 404),
     ("/v2/models//infer", 404), ("/v2/models/tiny/infer/../../x", 404), ("/etc/passwd", 404),
+    ("/v2/health/live", 405),
 ])
 def test_unknown_models_and_path_tricks(server, keyfile, client, reference, path, status):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)  # sends the path as written
