@@ -295,3 +295,26 @@ def test_engine_survives_a_failing_batch():
         assert asyncio.run(main())[0].logits[0] == 2
     finally:
         eng.stop()
+
+
+def test_request_deadline_answers_503_and_cancels_the_engine_call():
+    class Stuck(FakeEngine):
+        cancelled = False
+
+        async def predict(self, texts, deadline):
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                Stuck.cancelled = True
+                raise
+
+    async def main():
+        async with _asgi(Stuck(), request_timeout_s=0.3) as c:
+            t0 = time.monotonic()
+            r = await c.post("/predict", json={"inputs": "x"})
+            return r, time.monotonic() - t0, (await c.get("/metrics")).text
+
+    r, took, metrics = asyncio.run(main())
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "deadline" in r.json()["error"]
+    assert took < 5 and Stuck.cancelled
+    assert 'edgeft_rejections_total{reason="timeout"} 1.0' in metrics
