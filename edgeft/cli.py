@@ -225,6 +225,8 @@ def run_cmd(recipe, overrides, out, force, quiet):
     r = _recipe(recipe, overrides)
     run_dir = run(r, out or default_run_dir(r), force=force, show_progress=not quiet)
     click.echo(str(run_dir))
+    if not quiet:  # stderr: stdout stays the run folder alone (the Makefile reads it)
+        click.echo(f"next: edgeft ship {run_dir}   (a verified bundle to serve)", err=True)
 
 
 @cli.command("recipe")

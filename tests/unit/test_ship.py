@@ -430,3 +430,28 @@ def test_cli_help_stays_light():
             "print([m for m in ('torch', 'onnxruntime', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_edgeft_serve_answers_the_golden_examples(bundle, tmp_path):
+    """The contract with `edgeft serve`: it opens the bundle, takes its serving defaults, and answers every
+    golden text (one per request, so batch size 1) with the golden label and logits."""
+    import httpx
+    from serve_helpers import Server
+
+    rows = [json.loads(line) for line in (bundle / "golden" / "golden.jsonl").read_text().splitlines()]
+    budget = json.loads((bundle / "manifest.json").read_text())["serving"]["latency_budget_ms"]
+    srv = Server(bundle, tmp_path / "serve.log", "--threads", "1")
+    try:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=10) as client:
+            for r in rows:
+                body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [r["text"]]}]}
+                out = client.post("/v2/models/tiny/versions/1/infer", json=body)
+                assert out.status_code == 200, out.text
+                outputs = {o["name"]: o["data"] for o in out.json()["outputs"]}
+                assert outputs["label"] == [r["label"]]
+                assert np.allclose(outputs["logits"], r["logits"], atol=1e-3)
+            metrics = client.get("/metrics").text
+        assert f'le="{budget / 1000:g}"' in metrics or f'le="{budget / 1000}"' in metrics  # the alert's bucket edge
+    finally:
+        assert srv.stop() == 0
