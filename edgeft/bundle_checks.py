@@ -101,7 +101,6 @@ def latency_encoding(runner, texts: list[str]):
 
 
 def _reference_session(threads: int):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
