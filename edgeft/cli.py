@@ -225,6 +225,8 @@ def run_cmd(recipe, overrides, out, force, quiet):
     r = _recipe(recipe, overrides)
     run_dir = run(r, out or default_run_dir(r), force=force, show_progress=not quiet)
     click.echo(str(run_dir))
+    if not quiet:  # stderr: stdout stays the run folder alone (the Makefile reads it)
+        click.echo(f"next: edgeft ship {run_dir}   (a verified bundle to serve)", err=True)
 
 
 @cli.command("recipe")
@@ -297,6 +299,55 @@ def keys_add(keyfile, key_id):
     click.echo(key)
     click.echo(f"key id {kid} added to {keyfile}; the key above is not stored anywhere, keep it now "
                "(running servers pick it up on SIGHUP)", err=True)
+
+
+@cli.command("ship")
+@click.argument("run_dir", type=click.Path())
+@click.option("--variant", default=None, help="Variant to ship: onnx_fp32 (fp32), onnx_optimized (optimized), onnx_int8 "
+              "(int8). Default: the fastest that met the accuracy goal.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Bundle folder (default RUN_DIR/bundle); OUT.tar.gz is written beside it.")
+@click.option("--name", default=None, help="Model name (default: the recipe's name).")
+@click.option("--version", "version", default="1", show_default=True, help="Model version.")
+@click.option("--allow-miss", is_flag=True, help="Ship a variant that missed the accuracy goal (the manifest says so).")
+@click.option("--golden", type=int, default=256, show_default=True, help="Golden test texts for the smoke test.")
+@click.option("--latency-seconds", type=float, default=6.0, show_default=True,
+              help="Seconds timing the model against the reference workload (machine-normalised latency).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle (never other folders).")
+@_guard
+def ship_cmd(run_dir, variant, out, name, version, allow_miss, golden, latency_seconds, force):
+    """Package RUN_DIR's compressed model as a self-verifying bundle folder + .tar.gz (see README: Ship)."""
+    from pydantic import ValidationError
+
+    from edgeft.ship import ShipConfig, ship
+
+    try:
+        cfg = ShipConfig(run_dir=run_dir, variant=variant, out=out, name=name, version=version, allow_miss=allow_miss,
+                         force=force, golden=golden, latency_seconds=latency_seconds)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise EdgeftError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}",
+                          "names and versions use letters, digits, '.', '_' and '-'") from None
+    click.echo(ship(cfg).render())
+
+
+@cli.command("verify")
+@click.argument("bundle", type=click.Path())
+@click.option("--skip-latency", is_flag=True, help="Skip the latency check (checksums, load and golden only).")
+@click.option("--latency-seconds", type=float, default=4.0, show_default=True, help="Seconds of latency measurement.")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON.")
+@_guard
+def verify_cmd(bundle, skip_latency, latency_seconds, json_out):
+    """Check BUNDLE: checksums, load, golden answers, machine-normalised latency. Exit 0 pass, 1 fail, 2 bad bundle."""
+    from edgeft.verify import verify
+
+    result = verify(bundle, skip_latency=skip_latency, latency_seconds=latency_seconds)
+    click.echo(result.render())
+    if json_out:
+        from edgeft.artifacts import write_json_atomic
+
+        write_json_atomic(json_out, result.to_dict())
+    sys.exit(result.exit_code)
 
 
 def main() -> None:
