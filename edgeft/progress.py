@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from edgeft.errors import printable
+
 console = Console(stderr=True)
 
 
@@ -45,5 +47,5 @@ def bar(label: str, total: int, *, enabled: bool = True):
 
 
 def say(message: str, *, enabled: bool = True) -> None:
-    if enabled:
-        console.print(message, highlight=False)
+    if enabled:  # model names and paths in messages are the user's: no raw control characters
+        console.print(printable(message, keep_newlines=True), highlight=False)

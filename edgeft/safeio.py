@@ -5,16 +5,21 @@
 - safetensors files: the header is parsed before use, so a truncated file is a
   clear error naming the file.
 - ONNX: external data must be a relative path to a regular file inside the
-  model folder (no ``..``, no links, offset+length within the file) before the
-  model is loaded (CVE-2022-25882, CVE-2024-27318).
+  model folder (no ``..``, no symbolic or hard links, offset+length within the
+  file) before the model is loaded (CVE-2022-25882, CVE-2024-27318), for every
+  tensor: initializers, sparse initializers, tensor attributes (``Constant``),
+  subgraphs and function bodies.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from edgeft.errors import ModelError
 
@@ -67,10 +72,162 @@ def check_hf_folder(folder: str | Path, *, need_tokenizer: bool = True) -> Path:
     return folder
 
 
-def check_onnx_external_data(model_path: str | Path) -> None:
-    """Refuse external-data references that leave the model folder or point at links."""
+ORT_MEMORY_TAG = "_ORT_MEM_ADDR_"  # ORT reads "*/_ORT_MEM_ADDR_/*" locations from process memory
+EXTERNAL_DATA_KEYS = ("location", "offset", "length", "checksum", "basepath")
+
+
+def _walk_graph(graph, where: str, stack: list) -> Iterator[tuple[str, Any]]:
+    """The tensors of one graph (initializers, sparse initializers, node attributes); queue its subgraphs."""
+    for t in graph.initializer:
+        yield f"initializer '{t.name}'{where}", t
+    for s in graph.sparse_initializer:
+        yield f"sparse initializer '{s.values.name}' (values){where}", s.values
+        yield f"sparse initializer '{s.values.name}' (indices){where}", s.indices
+    for node in graph.node:
+        yield from _walk_node(node, where, stack)
+
+
+def _walk_node(node, where: str, stack: list) -> Iterator[tuple[str, Any]]:
+    for attr in node.attribute:
+        yield from _walk_attribute(attr, f"attribute '{attr.name}' of node '{node.name or node.op_type}'", where, stack)
+
+
+def _walk_attribute(attr, label: str, where: str, stack: list) -> Iterator[tuple[str, Any]]:
+    # Every field is visited whatever attr.type says: a loader may read a field its type does not name.
+    if attr.HasField("t"):
+        yield f"{label}{where}", attr.t
+    for t in attr.tensors:
+        yield f"{label}{where}", t
+    sparse = ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors)
+    for s in sparse:
+        yield f"{label} (sparse values){where}", s.values
+        yield f"{label} (sparse indices){where}", s.indices
+    inner = f" in the subgraph of {label}{where}"
+    if attr.HasField("g"):
+        stack.append((attr.g, inner))
+    for g in attr.graphs:
+        stack.append((g, inner))
+
+
+def onnx_tensors(model) -> Iterator[tuple[str, Any]]:
+    """Every TensorProto of ``model`` a loader may fill from external data, as (where it is, tensor):
+    initializers and sparse initializers (values and indices), tensor and sparse-tensor attributes
+    (``Constant`` ``value``/``sparse_value`` and any other), in the main graph, in subgraphs
+    (If/Loop/Scan, recursively), in function bodies and their attribute defaults, and in training info.
+    onnx's own ``_get_all_tensors`` skips the sparse ones."""
+    stack: list = [(model.graph, "")]
+    for f in model.functions:
+        where = f" in function '{f.name}'"
+        for node in f.node:
+            yield from _walk_node(node, where, stack)
+        for attr in f.attribute_proto:
+            yield from _walk_attribute(attr, f"default of attribute '{attr.name}'", where, stack)
+    for i, info in enumerate(model.training_info):
+        stack.append((info.initialization, f" in training info {i} (initialization)"))
+        stack.append((info.algorithm, f" in training info {i} (algorithm)"))
+    while stack:  # a list, not recursion: a deeply nested crafted model cannot exhaust the Python stack
+        graph, where = stack.pop()
+        yield from _walk_graph(graph, where, stack)
+
+
+def onnx_nodes(model) -> Iterator[Any]:
+    """Every node of ``model``: main graph, subgraphs (recursively), function bodies, training info."""
+    stack = [model.graph, *(g for info in model.training_info for g in (info.initialization, info.algorithm))]
+    nodes = [n for f in model.functions for n in f.node]
+    while nodes or stack:
+        if not nodes:
+            nodes = list(stack.pop().node)
+            continue
+        node = nodes.pop()
+        yield node
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                stack.append(attr.g)
+            stack.extend(attr.graphs)
+
+
+# Nodes that make ONNX Runtime open a file the node names (a compiled-EP cache): edgeft never writes them.
+FILE_READING_OPS = ("EPContext",)
+
+
+def _tensor_nbytes(tensor) -> int | None:
+    """Bytes the tensor's dims and type call for, or None when that cannot be told."""
+    import numpy as np
+    from onnx import helper
+
+    try:
+        n = 1
+        for d in tensor.dims:
+            if d < 0:
+                return None
+            n *= int(d)
+        dt = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        if dt.name in ("int4", "uint4", "float4_e2m1fn"):
+            return (n + 1) // 2
+        if dt == np.dtype(object) or dt.itemsize == 0:
+            return None
+        return n * dt.itemsize
+    except Exception:  # unknown or undefined data type: the checker/loader will refuse it
+        return None
+
+
+def _external_problem(folder: Path, root: Path, tensor) -> tuple[str, str | None]:
+    """(location, why it is refused or None) for one tensor that uses external data."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+
+    entries: dict[str, str] = {}
+    for e in tensor.external_data:
+        if e.key in entries:
+            return entries.get("location", ""), f"names the key '{e.key}' twice"
+        entries[e.key] = e.value
+    loc = entries.get("location", "")
+    unknown = sorted(set(entries) - set(EXTERNAL_DATA_KEYS))
+    if unknown:
+        return loc, f"has an unknown key '{unknown[0]}'"
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return loc, "carries external-data entries but is not marked external"
+    if not loc or "\0" in loc or ORT_MEMORY_TAG in loc or not Path(loc).parts:
+        return loc, "is empty or not a file name"
+    if os.path.isabs(loc) or ".." in Path(loc).parts:
+        return loc, "is absolute or climbs out with '..'"
+    numbers = {}
+    for key in ("offset", "length"):
+        text = entries.get(key)
+        if text is None:
+            continue
+        if not (text.isascii() and text.isdigit()):
+            return loc, f"has {key} '{text}', not a whole number >= 0"
+        numbers[key] = int(text)
+    # Walk the location one component at a time with lstat: no component may be a link.
+    current = folder
+    try:
+        for part in Path(loc).parts:
+            current = current / part
+            st = os.lstat(current)
+            if stat.S_ISLNK(st.st_mode):
+                return loc, "is or passes through a symbolic link"
+    except OSError as e:
+        return loc, f"cannot be opened in the model folder ({e.strerror or type(e).__name__})"
+    if not stat.S_ISREG(st.st_mode):
+        return loc, "is not a regular file in the model folder"
+    if not current.resolve().is_relative_to(root):
+        return loc, "resolves outside the model folder"
+    if st.st_nlink > 1:
+        return loc, (f"is a hard link ({st.st_nlink} names for one file; it may be a file outside the folder); "
+                     "edgeft never writes hard links")
+    offset, size = numbers.get("offset", 0), st.st_size
+    need = max(numbers.get("length", 0), _tensor_nbytes(tensor) or 0)
+    if offset > size or offset + need > size:
+        return loc, f"declares data past the end of the file (offset {offset} + {need} bytes > {size})"
+    return loc, None
+
+
+def check_onnx_external_data(model_path: str | Path) -> None:
+    """Refuse external-data references that leave the model folder, pass through links, point at
+    hard links or at data past the end of the file, for every tensor in the model (see
+    :func:`onnx_tensors`). Call before anything (onnx.load with data, the checker, ONNX Runtime)
+    reads the model's data."""
+    import onnx
 
     model_path = Path(model_path)
     try:
@@ -78,32 +235,19 @@ def check_onnx_external_data(model_path: str | Path) -> None:
     except Exception as e:  # protobuf DecodeError and friends
         raise ModelError(f"{model_path} is not a valid ONNX file ({type(e).__name__})",
                          "re-export it; the file is truncated or corrupt") from None
-    root = model_path.parent.resolve()
-    for tensor in _get_all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+    folder = model_path.parent
+    root = folder.resolve()
+    for node in onnx_nodes(model):
+        if node.op_type in FILE_READING_OPS:
+            raise ModelError(f"{model_path}: node '{node.name}' is an {node.op_type} node, which makes ONNX Runtime "
+                             "read a file it names; refusing to load it", "pass a plain ONNX model (edgeft export)")
+    for where, tensor in onnx_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and not len(tensor.external_data):
             continue
-        info = ExternalDataInfo(tensor)
-        loc = info.location
-        bad = None
-        if not loc or os.path.isabs(loc) or ".." in Path(loc).parts:
-            bad = "is absolute or climbs out with '..'"
-        else:
-            target = model_path.parent / loc
-            if target.is_symlink():
-                bad = "is a symbolic link"
-            elif not target.resolve().is_relative_to(root):
-                bad = "resolves outside the model folder"
-            elif not target.is_file():
-                bad = "is not a regular file in the model folder"
-            elif os.stat(target).st_nlink > 1:
-                bad = "is a hard link"
-            else:
-                offset, length = int(info.offset or 0), info.length
-                if length is not None and offset + int(length) > target.stat().st_size:
-                    bad = "declares data past the end of the file"
+        loc, bad = _external_problem(folder, root, tensor)
         if bad:
-            raise ModelError(f"{model_path}: external data '{loc}' of tensor '{tensor.name}' {bad}; refusing to load it",
-                             "keep external data files inside the model folder")
+            raise ModelError(f"{model_path}: external data '{loc}' of {where} {bad}; refusing to load it",
+                             "keep external data files inside the model folder, as regular files")
 
 
 def load_onnx_checked(model_path: str | Path, *, full_check: bool = False):
