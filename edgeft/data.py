@@ -74,6 +74,14 @@ class Dataset:
                       "class_counts": np.bincount(sp.labels, minlength=self.num_labels).tolist()}
         return out
 
+    def dropped_text(self) -> str:
+        """What was dropped before splitting, for progress output ('' when nothing was)."""
+        parts = [f"{self.notes[k]} {what}" for k, what in (
+            ("blank_label_rows_dropped", "rows with a blank label"),
+            ("blank_text_rows_dropped", "rows with a blank text"),
+            ("duplicates_dropped", "duplicate or conflicting rows")) if self.notes.get(k)]
+        return f"dropped {', '.join(parts)}" if parts else ""
+
     def majority_class_accuracy(self, split: str = "test") -> float:
         """Accuracy of always predicting the most frequent *training* class."""
         majority = int(np.bincount(self.train.labels, minlength=self.num_labels).argmax())
@@ -109,6 +117,8 @@ def stratified_subsample(split: Split, n: int | None, seed: int) -> Split:
     if n is None or n >= len(split):
         return split
     _, idx = stratified_split(split.labels, n / len(split), seed)
+    if len(idx) == 0:  # every class has one example and n is small: a seeded random pick instead
+        idx = np.random.default_rng(seed).permutation(len(split))[:n]
     return split.take(idx)
 
 
@@ -178,12 +188,15 @@ def _read_orange_tab(path: Path) -> tuple[list[str], list[str]]:
     return [t.strip() for t in df["Text"]], list(df["Category"])
 
 
-def _read_user_file(path: Path, text_col: str, label_col: str) -> tuple[list[str], list]:
+def _read_user_file(path: Path, text_col: str, label_col: str) -> tuple[list[str], list, dict]:
+    """(texts, labels, notes): rows with a blank (empty, whitespace or missing) label or text are dropped
+    and counted in notes."""
     import pandas as pd
 
     try:
         if path.suffix == ".csv":
-            df = pd.read_csv(path)
+            # As text: a blank cell is '' (not NaN, which would turn integer labels into 1.0), 'NA' stays 'NA'.
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
         elif path.suffix == ".jsonl":
             df = pd.read_json(path, lines=True)
         else:
@@ -195,8 +208,15 @@ def _read_user_file(path: Path, text_col: str, label_col: str) -> tuple[list[str
         if col not in df.columns:
             raise DataError(f"column '{col}' not found in {path} (columns: {', '.join(map(str, df.columns))})",
                             f"set data.{key} to the right column")
-    df = df[[text_col, label_col]].dropna()
-    return [str(t) for t in df[text_col]], list(df[label_col])
+    def blank(col):
+        return df[col].isna() | df[col].astype(str).str.strip().eq("")
+
+    no_label, no_text = blank(label_col), blank(text_col)
+    notes = {"blank_label_rows_dropped": int(no_label.sum()),
+             "blank_text_rows_dropped": int((no_text & ~no_label).sum())}
+    df = df[~no_label & ~no_text]
+    labels = [int(v) if isinstance(v, float) and v.is_integer() else v for v in df[label_col]]
+    return [str(t) for t in df[text_col]], labels, notes
 
 
 def _user_source(path: Path) -> dict[str, Path]:
@@ -268,7 +288,10 @@ def load_dataset(cfg, seed: int = 42) -> Dataset:
             raise DataError(f"unknown dataset '{name}'",
                             f"use a built-in ({', '.join(BUILTIN)}), a .csv/.jsonl/.parquet path, or hf:NAME")
         for split, p in _user_source(path).items():
-            parts[split] = _read_user_file(p, cfg.text_column, cfg.label_column)
+            texts, labels, dropped = _read_user_file(p, cfg.text_column, cfg.label_column)
+            parts[split] = (texts, labels)
+            for k, v in dropped.items():
+                notes[k] = notes.get(k, 0) + v
         if "train" in parts and len(parts) == 1:
             parts["all"] = parts.pop("train")
         label_names = None
@@ -302,13 +325,27 @@ def load_dataset(cfg, seed: int = 42) -> Dataset:
         train_idx, val_idx = stratified_split(rest.labels, cfg.validation_fraction, seed + 1)
         train, validation = rest.take(train_idx), rest.take(val_idx)
 
-    counts = np.bincount(train.labels, minlength=len(label_names))
-    empty = [label_names[i] for i, c in enumerate(counts) if c == 0]
-    if empty:
-        raise DataError(f"class '{empty[0]}' has no training examples in '{name}'",
-                        "add examples of every class or drop the class")
+    carved = [s for s, carve in (("test", "test" not in parts), ("validation", "validation" not in parts)) if carve]
+    for split_name, split in (("train", train), ("validation", validation), ("test", test)):
+        if len(split) == 0:
+            # Each class gives at least one row to each split carved from it once it has one row per split.
+            need = 1 + len(carved)
+            raise DataError(f"dataset '{name}': the {split_name} split is empty: carving "
+                            f"{' and '.join(carved)} from the training rows needs at least {need} rows per class "
+                            f"(smallest class: {int(np.bincount(pool_ids).min())})",
+                            f"give each class at least {need} rows, or supply your own "
+                            f"{' and '.join(carved)} file(s) in a folder (train.csv, validation.csv, test.csv)")
 
     train = stratified_subsample(train, cfg.max_train_samples, seed + 2)
     validation = stratified_subsample(validation, cfg.max_eval_samples, seed + 3)
     test = stratified_subsample(test, cfg.max_eval_samples, seed + 4)
+
+    # After subsampling: data.max_train_samples can leave a rare class out of train.
+    counts = np.bincount(train.labels, minlength=len(label_names))
+    empty = [label_names[i] for i, c in enumerate(counts) if c == 0]
+    if empty:
+        raise DataError(f"class '{empty[0]}' has no training examples in '{name}'"
+                        + (f" (data.max_train_samples={cfg.max_train_samples})" if cfg.max_train_samples else ""),
+                        "add examples of every class or drop the class"
+                        + (", or raise data.max_train_samples" if cfg.max_train_samples else ""))
     return Dataset(name=name, label_names=label_names, train=train, validation=validation, test=test, notes=notes)

@@ -62,10 +62,68 @@ def test_bad_user_data(tmp_path, content, kwargs, message):
 
 
 def test_class_without_training_examples(tmp_path):
+    # 'b' has one row, which stays in train; subsampling train to 2 rows then leaves no 'b' to learn from.
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},a\n" for i in range(10)) + "u,b\n")
+    assert load_dataset(_cfg(dataset=str(path))).summary()["train"]["class_counts"][1] == 1
+    with pytest.raises(DataError, match=r"class 'b' has no training examples .*max_train_samples=2"):
+        load_dataset(_cfg(dataset=str(path), max_train_samples=2))
+
+
+def test_test_label_not_in_training_labels(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"t{i},a\n" for i in range(10)) + "u,b\n")
     (tmp_path / "test.csv").write_text("text,label\nx,c\n")
     with pytest.raises(DataError, match="not among the training labels"):
         load_dataset(_cfg(dataset=str(tmp_path)))
+
+
+@pytest.mark.parametrize("rows_per_class", [1, 2])
+def test_too_few_rows_per_class_says_how_many(tmp_path, rows_per_class):
+    # One file: test and validation are carved from it, so each class needs 3 rows (it used to leave the
+    # validation split empty and fail later with an IndexError).
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"t{c}{i},{c}\n" for c in "ab" for i in range(rows_per_class)))
+    with pytest.raises(DataError, match=r"split is empty: carving test and validation .* at least 3 rows per "
+                                        rf"class \(smallest class: {rows_per_class}\)") as e:
+        load_dataset(_cfg(dataset=str(path)))
+    assert "\n" not in str(e.value)
+    path.write_text("text,label\n" + "".join(f"t{c}{i},{c}\n" for c in "ab" for i in range(3)))
+    ds = load_dataset(_cfg(dataset=str(path)))
+    assert (len(ds.train), len(ds.validation), len(ds.test)) == (2, 2, 2)
+
+
+def test_too_few_rows_per_class_with_own_test_split(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\nx,a\ny,b\n")
+    (tmp_path / "test.csv").write_text("text,label\nz,a\nw,b\n")
+    with pytest.raises(DataError, match="validation split is empty: carving validation .* at least 2 rows per class"):
+        load_dataset(_cfg(dataset=str(tmp_path)))
+
+
+def test_blank_labels_and_texts_are_counted(tmp_path, tiny_csv):
+    path = tmp_path / "d.csv"
+    lines = tiny_csv.read_text().splitlines()
+    path.write_text("\n".join(lines + ["orphan one,", "orphan two,   ", '"",pos', "x,"]) + "\n")
+    ds = load_dataset(_cfg(dataset=str(path)))
+    assert ds.notes["blank_label_rows_dropped"] == 3 and ds.notes["blank_text_rows_dropped"] == 1
+    assert ds.summary()["blank_label_rows_dropped"] == 3  # the data section of metrics.json and the manifest
+    assert ds.label_names == ["neg", "pos"]  # a whitespace label is not a class
+    assert "3 rows with a blank label" in ds.dropped_text() and "1 rows with a blank text" in ds.dropped_text()
+    assert len(ds.train) + len(ds.validation) + len(ds.test) == 240
+    assert load_dataset(_cfg(dataset=str(tiny_csv))).dropped_text() == ""
+
+
+def test_integer_labels_with_a_blank_stay_integers(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(30)) + "blank,\n")
+    ds = load_dataset(_cfg(dataset=str(path)))
+    assert ds.label_names == ["0", "1"] and ds.notes["blank_label_rows_dropped"] == 1
+
+
+def test_subsample_is_never_empty():
+    from edgeft.data import stratified_subsample
+
+    s = Split(["a", "b", "c"], [0, 1, 2])  # one example per class: a stratified pick of 1 would be empty
+    assert len(stratified_subsample(s, 1, seed=0)) == 1
 
 
 def test_unknown_name_and_missing_file():

@@ -76,3 +76,74 @@ def test_reference_lists_every_section():
     table = recipe_reference()
     for field in ("finetune.lr", "compress.prune.heads", "compress.quantize.calibration.method", "bench.runtimes"):
         assert f"`{field}`" in table
+
+
+def test_builtin_defaults_are_the_default_recipe_file():
+    # One set of defaults: the schema's built-ins are the values chosen on validation in the default recipe.
+    default_file = Path(__file__).parents[2] / "recipes" / "minilm-rotten-tomatoes.yaml"
+    assert load_recipe(None).model_dump() == load_recipe(default_file).model_dump()
+    r = load_recipe(None)
+    assert (r.finetune.batch_size, r.compress.prune.ffn, r.compress.optimize.level) == (16, 0.75, 1)
+
+
+@pytest.mark.parametrize("override, message", [
+    # validated at load time, before any work (they used to fail after the fine-tune)
+    ("bench.runtimes=[cuda]", "bench.runtimes: unknown runtime 'cuda'"),
+    ("bench.runtimes=[auto]", "bench.runtimes: auto is not a runtime name"),
+    ("bench.runtimes=[]", "bench.runtimes: must be auto or a non-empty list"),
+    ("compress.optimize.level=5", "compress.optimize.level: must be one of 0, 1, 2, 99"),
+    ("compress.optimize.level=3", "compress.optimize.level: must be one of 0, 1, 2, 99"),
+    # seeds torch accepts
+    (f"seed={2**32}", "seed: must be <= 4294967295"),
+    ("seed=-1", "seed: must be >= 0"),
+    # the name is a run-folder name: never a path
+    ("name=../../x", "name: '../../x' is not a plain name"),
+    ("name=/tmp/x", "name: '/tmp/x' is not a plain name"),
+    ("name=a/b", "name: 'a/b' is not a plain name"),
+    ("name=..", "name: '..' is not a plain name"),
+    ("name=''", "name: '' is not a plain name"),
+    # strict types: a bool is not a number, a float is not an int
+    ("finetune.epochs=true", "finetune.epochs: must be a valid integer (got true, a bool)"),
+    ("finetune.lr=true", "finetune.lr: must be a valid number (got true, a bool)"),
+    ("finetune.epochs=2.5", "finetune.epochs: must be a valid integer"),
+    ("bench.batch_sizes=[true]", "bench.batch_sizes.0: must be a valid integer"),
+    ("finetune.grad_clip=.inf", "finetune.grad_clip: must be a finite number"),
+    ("stages=[]", "stages: name at least one of finetune, compress, bench"),
+])
+def test_values_refused_at_load_time(override, message):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_runtime_names_are_the_bench_runtimes():
+    from edgeft.bench.runtimes import RUNTIMES
+
+    for rt in RUNTIMES:
+        assert load_recipe(None, [f"bench.runtimes=[{rt}]"]).bench.runtimes == [rt]
+
+
+def test_strict_types_still_read_plain_yaml_numbers():
+    r = load_recipe(None, ["finetune.lr=1e-4", "compress.prune.recovery.epochs=1", "compress.max_accuracy_drop=2",
+                           "seed=0", f"seed={2**32 - 1}"])
+    assert r.finetune.lr == pytest.approx(1e-4) and r.compress.prune.recovery.epochs == 1.0
+    assert r.seed == 2**32 - 1 and r.compress.max_accuracy_drop == 2.0
+
+
+@pytest.mark.parametrize("text, line", [
+    ("? [a, b]\n: 1\n", 1),
+    ("finetune: {[1]: x}\n", 1),
+    ("finetune:\n  {a: 1}: 2\n", 2),
+])
+def test_unhashable_yaml_keys_are_recipe_errors(tmp_path, text, line):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(path) in str(e.value) and f"a key at line {line}" in str(e.value)
+
+
+def test_unhashable_override_key_is_a_recipe_error():
+    with pytest.raises(RecipeError, match=r"override 'finetune=\{\[1\]: x\}': a key at line 1 is a list"):
+        load_recipe(None, ["finetune={[1]: x}"])
