@@ -11,18 +11,19 @@ from pathlib import Path
 
 from edgeft.artifacts import atomic_dir, write_json_atomic
 from edgeft.data import Dataset
+from edgeft.layout import FINETUNED, RunLayout, write_side_file
 from edgeft.progress import say
 from edgeft.recipe import Recipe
 
-FINETUNED = "finetuned"
+__all__ = ["FINETUNED", "apply_lora", "finetune", "set_threads"]
 
 
 def set_threads(threads: int | None) -> int:
-    import os
-
     import torch
 
-    n = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    from edgeft.hardware import usable_cores
+
+    n = threads or usable_cores()
     torch.set_num_threads(n)
     return n
 
@@ -50,6 +51,7 @@ def finetune(recipe: Recipe, dataset: Dataset, run_dir: str | Path, *, show_prog
     from edgeft.train import TrainSettings, evaluate, train_classifier
 
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     cfg = recipe.finetune
     threads = set_threads(cfg.threads)
     torch.manual_seed(recipe.seed)
@@ -65,6 +67,8 @@ def finetune(recipe: Recipe, dataset: Dataset, run_dir: str | Path, *, show_prog
     say(f"[bold]fine-tune[/] {recipe.model.name} ({n_params / 1e6:.1f}M params, {cfg.method}, "
         f"{n_trainable / 1e6:.2f}M trainable) on {dataset.name}: {len(dataset.train)} train / "
         f"{len(dataset.validation)} validation / {len(dataset.test)} test, {threads} threads", enabled=show_progress)
+    if dataset.dropped_text():
+        say(f"  data: {dataset.dropped_text()} before splitting (counts in metrics.json data)", enabled=show_progress)
 
     settings = TrainSettings(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                              eval_batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
@@ -79,11 +83,11 @@ def finetune(recipe: Recipe, dataset: Dataset, run_dir: str | Path, *, show_prog
                     batch_size=cfg.eval_batch_size)
     validation = result.best_validation
 
-    with atomic_dir(run_dir / FINETUNED) as tmp:
+    with atomic_dir(layout.finetuned) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "edgeft.json", {"max_length": cfg.max_length, "label_names": dataset.label_names,
-                                                "base_model": recipe.model.name, "method": cfg.method})
+        write_side_file(tmp, max_length=cfg.max_length, label_names=dataset.label_names,
+                        base_model=recipe.model.name, method=cfg.method)
 
     metrics = {
         "stage": "finetune",
@@ -99,12 +103,12 @@ def finetune(recipe: Recipe, dataset: Dataset, run_dir: str | Path, *, show_prog
         "majority_class": {"validation": dataset.majority_class_accuracy("validation"),
                            "test": dataset.majority_class_accuracy("test")},
         "train_samples_per_s": result.train_samples_per_s,
-        "train_seconds": result.train_seconds,
-        "wall_seconds": time.perf_counter() - t_start,
+        "train_s": result.train_seconds,
+        "wall_s": time.perf_counter() - t_start,
         "data": dataset.summary(),
     }
-    write_json_atomic(run_dir / "metrics.json", metrics)
+    write_json_atomic(layout.metrics, metrics)
     say(f"  test accuracy {test['accuracy']:.4f} (majority class {metrics['majority_class']['test']:.4f}), "
-        f"macro-F1 {test['macro_f1']:.4f}; best epoch {result.best_epoch}; saved {run_dir / FINETUNED}",
+        f"macro-F1 {test['macro_f1']:.4f}; best epoch {result.best_epoch}; saved {layout.finetuned}",
         enabled=show_progress)
     return metrics

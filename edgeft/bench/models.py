@@ -1,6 +1,7 @@
 """Which models a bench path stands for.
 
-- a run folder (holds ``.edgeft-run``): ``finetuned/`` (torch; the reference model) and, when
+- a run folder (holds ``.edgeft-run``): ``finetuned/`` (torch; the reference model; without it, the
+  source model that ``compress/report.json`` records, as after ``edgeft compress MODEL --out RUN``) and, when
   ``compress/report.json`` exists, the artifacts it lists (``pruned`` HF folder; ``onnx_fp32``,
   ``onnx_optimized``, ``onnx_int8`` ONNX models), paths relative to ``RUN_DIR/compress``;
 - a Hugging Face folder (config.json + safetensors) -> torch;
@@ -11,16 +12,16 @@ Anything else is a one-line error naming the path.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeft.artifacts import is_run_dir
 from edgeft.errors import ModelError
+from edgeft.layout import COMPRESS, FINETUNED, RunLayout, read_side_file
+from edgeft.layout import COMPRESS_REPORT as _REPORT
 from edgeft.safeio import TOKENIZER_FILES, check_hf_folder
 
 RUN_ARTIFACTS = ("pruned", "onnx_fp32", "onnx_optimized", "onnx_int8")  # bench order after finetuned/
-COMPRESS_REPORT = "compress/report.json"
+COMPRESS_REPORT = f"{COMPRESS}/{_REPORT}"  # relative to a run folder (RunLayout.compress_report)
 
 
 @dataclass
@@ -44,15 +45,7 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
-def _edgeft_json(folder: Path) -> dict:
-    meta = folder / "edgeft.json"
-    if not meta.is_file():
-        return {}
-    try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{meta} is not valid JSON ({e})", "re-create the model folder") from None
-    return data if isinstance(data, dict) else {}
+_edgeft_json = read_side_file  # edgeft.json is read in edgeft.layout only
 
 
 def hf_spec(folder: Path, name: str, origin: str) -> ModelSpec:
@@ -85,35 +78,32 @@ def onnx_spec(path: Path, name: str, origin: str, tokenizer_fallback: Path | Non
 
 
 def _run_dir_models(run: Path) -> list[ModelSpec]:
-    from edgeft.finetune import FINETUNED
-
-    if not (run / FINETUNED).is_dir():
-        raise ModelError(f"run folder {run} has no {FINETUNED}/ model", "run 'edgeft finetune' into it first")
-    specs = [hf_spec(run / FINETUNED, FINETUNED, str(run))]
-    report = run / COMPRESS_REPORT
-    if not report.is_file():
+    layout = RunLayout(run)
+    ref = layout.reference_model()  # finetuned/, else the source model the compress report records
+    if ref is None:
+        raise layout.missing_reference_error()
+    specs = [hf_spec(ref, FINETUNED, str(run))]
+    report = layout.read_compress_report()
+    if report is None:
         return specs
-    try:
-        artifacts = json.loads(report.read_text(encoding="utf-8")).get("artifacts") or {}
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ModelError(f"{report} is not a valid compress report ({e})", "re-run 'edgeft compress'") from None
+    artifacts = report.get("artifacts") or {}
     if not isinstance(artifacts, dict):
-        raise ModelError(f"{report}: 'artifacts' is not a mapping", "re-run 'edgeft compress'")
-    base = (run / "compress").resolve()
+        raise ModelError(f"{layout.compress_report}: 'artifacts' is not a mapping", "re-run 'edgeft compress'")
+    base = layout.compress.resolve()
     for key in RUN_ARTIFACTS:
         rel = artifacts.get(key)
         if not rel:
             continue
-        target = (run / "compress" / str(rel)).resolve()
+        target = (layout.compress / str(rel)).resolve()
         if not target.is_relative_to(base):
-            raise ModelError(f"{report}: artifact {key} '{rel}' points outside {run / 'compress'}",
+            raise ModelError(f"{layout.compress_report}: artifact {key} '{rel}' points outside {layout.compress}",
                              "re-run 'edgeft compress'")
         if key == "pruned":
             specs.append(hf_spec(target, key, str(run)))
             continue
         if target.is_dir():
             target = target / "model.onnx"
-        specs.append(onnx_spec(target, key, str(run), tokenizer_fallback=run / FINETUNED,
+        specs.append(onnx_spec(target, key, str(run), tokenizer_fallback=ref,
                                precision="int8" if key == "onnx_int8" else None))
     return specs
 
@@ -125,7 +115,7 @@ def discover(paths: list[Path]) -> list[ModelSpec]:
         path = Path(raw)
         if not path.exists():
             raise ModelError(f"{path} not found", "pass a run folder, a Hugging Face folder or an .onnx model")
-        if path.is_dir() and is_run_dir(path):
+        if path.is_dir() and RunLayout(path).is_run():
             specs.extend(_run_dir_models(path))
         elif path.is_file() and path.suffix == ".onnx":
             name = path.parent.name if path.stem == "model" else path.stem

@@ -33,14 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    from edgeft.layout import RunLayout, read_side_file
+
     run = Path(a.run_dir)
-    recipe = load_recipe(run / "recipe.yaml")
+    layout = RunLayout(run)
+    recipe = load_recipe(layout.recipe)
     split = getattr(load_dataset(recipe.data), a.split)
     idx = list(range(len(split.texts)))
     random.Random(0).shuffle(idx)
     idx = idx[:a.n]
     texts, labels = [split.texts[i] for i in idx], np.asarray(split.labels)[idx]
-    max_length = json.loads((run / "compress" / a.variant / "edgeft.json").read_text())["max_length"]
+    max_length = read_side_file(layout.compress / a.variant)["max_length"]
 
     def answers(variant: str) -> dict[str, np.ndarray]:
         d = run / "compress" / variant

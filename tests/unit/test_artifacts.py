@@ -59,3 +59,39 @@ def test_manifest_has_checksums_and_environment(tmp_path):
     assert m["seed"] == 7 and m["recipe_sha256"] == "abc" and m["stages"] == ["finetune"]
     assert len(m["files"]["metrics.json"]["sha256"]) == 64
     assert "torch" in m["environment"]["versions"] and "flags" in m["environment"]["cpu"]
+
+
+def test_manifest_skips_lock_and_work_files_by_relative_path(tmp_path):
+    # a run folder whose own path contains ".partial" still has its files hashed
+    run = prepare_run_dir(tmp_path / "a.partial.parent" / "run")
+    (run / "metrics.json").write_text("{}")
+    (run / ".edgeft.lock").write_text("123\n")
+    (run / ".compress.x.partial").mkdir()
+    (run / ".compress.x.partial" / "model.onnx").write_bytes(b"half")
+    write_manifest(run)
+    files = json.loads((run / "manifest.json").read_text())["files"]
+    assert set(files) == {"metrics.json", RUN_MARKER}
+
+
+def test_force_empties_an_edgeft_folder_but_keeps_its_lock_file(tmp_path):
+    run = prepare_run_dir(tmp_path / "run")
+    lock = run / ".edgeft.lock"
+    inode = lock.stat().st_ino
+    (run / "finetuned").mkdir()
+    prepare_run_dir(run, force=True)
+    assert not (run / "finetuned").exists() and lock.stat().st_ino == inode  # the same lock, not a new one
+
+
+def test_atomic_dir_replaces_an_existing_folder_only_when_whole(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with pytest.raises(Boom):
+        with atomic_dir(tmp_path / "out") as d:
+            (d / "new.txt").write_text("new")
+            assert (tmp_path / "out" / "old.txt").exists()
+            raise Boom()
+    assert (tmp_path / "out" / "old.txt").read_text() == "old"
+    with atomic_dir(tmp_path / "out") as d:
+        (d / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
