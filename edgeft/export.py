@@ -15,7 +15,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from edgeft.errors import ModelError
+from edgeft.errors import ModelError, from_os_error
 from edgeft.safeio import TOKENIZER_FILES, load_onnx_checked
 
 ONNX_NAME = "model.onnx"
@@ -53,17 +53,44 @@ def op_counts(model_or_path) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
 
 
-def check_onnx(path: str | Path) -> None:
-    """External-data containment, ``onnx.checker`` and an ORT session: raises ModelError on failure."""
-    load_onnx_checked(path)
+def check_onnx(path: str | Path, *, full_check: bool = False) -> dict:
+    """External-data containment, ``onnx.checker.check_model`` and an ORT session: raises ModelError on
+    failure. Returns what was run (for the report): checker call and options, onnx version, ORT load."""
+    import onnx
+    import onnxruntime as ort
+
+    load_onnx_checked(path, full_check=full_check)
     from edgeft.onnx_eval import make_session
 
-    make_session(path, threads=1)
+    session = make_session(path, threads=1)
+    return {"external_data": "contained", "check_model": "full_check" if full_check else "basic",
+            "onnx_version": onnx.__version__, "ort_session": f"onnxruntime {ort.__version__} "
+            f"{'+'.join(session.get_providers())}", "ok": True}
 
 
-def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = 17) -> Path:
+def model_size_mb(path: str | Path) -> float:
+    """Size in MB (10^6 bytes, like every ``_mb`` edgeft writes): a file, or a folder's ``*.safetensors``."""
+    from edgeft.hardware import MB
+
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.glob("*.safetensors")) / MB
+    return path.stat().st_size / MB
+
+
+def onnx_param_count(path: str | Path) -> int:
+    """Number of values in the graph's initializers (external data not loaded)."""
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return int(sum(int(np.prod(t.dims)) for t in model.graph.initializer))
+
+
+def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = 17, *, checks: dict | None = None) -> Path:
     """Export a Hugging Face sequence classifier to ``out_dir/model.onnx`` with dynamic batch and
-    sequence axes (optimum's exporter, task text-classification); check it and copy the side files."""
+    sequence axes (optimum's exporter, task text-classification); check it and copy the side files.
+    ``checks``, when given, receives what :func:`check_onnx` ran on the result."""
     from optimum.exporters.onnx import main_export
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -80,6 +107,9 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = 17) -> 
                         opset=opset, do_validation=False, device="cpu")
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        env = from_os_error(e, tmp)  # a full disk or a permission problem is not the model folder's fault
+        if env is not None:
+            raise env from None
         raise ModelError(f"ONNX export of {model_dir} failed: {' '.join(str(e).split())[:200]}",
                          "check the model folder; edgeft exports sequence classifiers") from None
     produced = tmp / ONNX_NAME
@@ -93,7 +123,9 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = 17) -> 
     shutil.move(str(produced), target)
     shutil.rmtree(tmp, ignore_errors=True)
     copy_side_files(model_dir, out_dir)
-    check_onnx(target)
+    record = check_onnx(target)
+    if checks is not None:
+        checks.update(record)
     return target
 
 
@@ -118,12 +150,13 @@ def optimize_onnx(onnx_path: str | Path, out_dir: str | Path, *, level: int = 1,
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     load_onnx_checked(onnx_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    options = FusionOptions("bert")
+    ort_type = ort_model_type(model_type)
+    options = FusionOptions(ort_type)
     options.enable_gelu_approximation = False  # exact GELU: float parity with the parent model
     # num_heads/hidden_size 0: detected per layer from the graph (pruned layers have fewer heads, and the
     # fusion then warns that the q/k/v input width differs from heads*head_size, which is expected).
     with quiet_logs():
-        optimized = optimize_model(str(onnx_path), model_type=ort_model_type(model_type), num_heads=0,
+        optimized = optimize_model(str(onnx_path), model_type=ort_type, num_heads=0,
                                    hidden_size=0, optimization_options=options, opt_level=level, use_gpu=False)
     rewritten = layernorm_as_instance_norm(optimized.model) if layernorm == "instance-norm" else 0
     target = out_dir / ONNX_NAME
@@ -221,6 +254,18 @@ def quiet_logs():
         logging.disable(previous)
 
 
+# Hugging Face model types whose optimum-exported graphs ORT's "bert" fusions match.
+BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "distilbert", "camembert", "electra", "mpnet")
+
+
 def ort_model_type(hf_model_type: str) -> str:
-    # ORT's BERT fusions also match RoBERTa / XLM-R / DistilBERT graphs exported by optimum.
-    return "bert"
+    """The ORT transformers-optimizer model type for a Hugging Face ``model_type``: the BERT family maps
+    to "bert" (ORT's BERT fusions match RoBERTa / XLM-R / DistilBERT graphs exported by optimum); a
+    type ORT's optimizer knows itself (gpt2, bart, t5, vit, ...) is passed through; anything else
+    gets the BERT fusions, which only rewrite the subgraphs they match."""
+    from onnxruntime.transformers.optimizer import MODEL_TYPES
+
+    name = str(hf_model_type).replace("-", "_")
+    if hf_model_type in BERT_FAMILY:
+        return "bert"
+    return name if name in MODEL_TYPES else "bert"

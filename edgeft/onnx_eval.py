@@ -1,18 +1,14 @@
-"""ONNX Runtime sessions and logits for a list of texts (length-sorted batches, like edgeft.train)."""
+"""ONNX Runtime sessions and logits for a list of texts (batched by ``edgeft.evaluate``)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from edgeft.errors import ModelError
+from edgeft.hardware import usable_cores
 from edgeft.safeio import check_onnx_external_data
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def make_session(path: str | Path, *, threads: int | None = None, optimize: bool = True,
@@ -55,17 +51,7 @@ def feeds_for(session, batch: dict) -> dict[str, np.ndarray]:
 
 def onnx_logits(session, tokenizer, texts: list[str], *, max_length: int, batch_size: int = 64) -> np.ndarray:
     """Logits of ``texts`` (original order) from an ORT session."""
-    from edgeft.train import collate, tokenize
+    from edgeft.evaluate import predict_batched
 
-    feats = tokenize(tokenizer, texts, max_length)
-    order = np.argsort([len(f["input_ids"]) for f in feats], kind="stable")
-    pad_id = tokenizer.pad_token_id or 0
-    out = None
-    for start in range(0, len(texts), batch_size):
-        idx = order[start:start + batch_size]
-        batch = collate([feats[i] for i in idx], pad_id)
-        logits = session.run(None, feeds_for(session, batch))[0]
-        if out is None:
-            out = np.zeros((len(texts), logits.shape[-1]), dtype=np.float32)
-        out[idx] = logits
-    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+    return predict_batched(lambda batch: session.run(None, feeds_for(session, batch))[0], tokenizer, texts,
+                           max_length=max_length, batch_size=batch_size)

@@ -253,3 +253,78 @@ def shape_summary(before_heads: list[int], after_heads: list[int], before_ffn: l
             "ffn_before": before_ffn, "ffn_after": after_ffn,
             "heads_removed_fraction": 1 - sum(after_heads) / max(1, sum(before_heads)),
             "ffn_removed_fraction": 1 - sum(after_ffn) / max(1, sum(before_ffn))}
+
+
+def prune_step(model_dir, teacher, tokenizer, cfg, dataset, evaluator, out, *, max_length: int, seed: int,
+               report_path: str = "pruned", log=None, show_progress: bool = False):
+    """The compress stage's prune step: importance on the training split, prune to ``cfg`` (a
+    ``PruneConfig``) targets, recovery fine-tune distilled from ``teacher`` with ``cfg.recovery``'s own
+    settings, save to ``out`` and check it reloads to the same function.
+
+    Returns ``(student, StepResult)``; the result holds the validation/test metrics and logits of the
+    pruned model (comparison with the parent and the goal fields are the caller's)."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    from edgeft.evaluate import StepResult
+    from edgeft.export import copy_side_files, model_size_mb
+    from edgeft.modeling import load_classifier
+    from edgeft.train import TrainSettings, predict_logits, train_classifier
+
+    log = log or (lambda _msg: None)
+    model_dir, out = Path(model_dir), Path(out)
+    t0 = time.perf_counter()
+    student = load_classifier(str(model_dir))
+    heads_before, ffn_before, params_before = head_counts(student), ffn_sizes(student), count_parameters(student)
+    n_imp = min(cfg.importance_samples, len(dataset.train))
+    imp = importance(student, tokenizer, dataset.train, max_length=max_length, samples=n_imp,
+                     batch_size=cfg.importance_batch_size, seed=seed)
+    plan = make_plan(imp, heads=cfg.heads, ffn=cfg.ffn)
+    prune(student, plan)
+    t_imp = time.perf_counter() - t0
+    before_recovery = evaluator.metrics(evaluator.torch_logits(student, ("validation",)))["validation"]
+    log(f"  pruned {shape_summary(heads_before, head_counts(student), ffn_before, ffn_sizes(student))['heads_after']} "
+        f"heads, FFN {ffn_before[0]} -> {ffn_sizes(student)[0]}; validation acc before recovery "
+        f"{before_recovery['accuracy']:.4f}")
+    rc = cfg.recovery
+    recovery = {"epochs": rc.epochs}
+    if rc.epochs > 0:
+        settings = TrainSettings(epochs=rc.epochs, lr=rc.lr, batch_size=rc.batch_size, max_length=max_length,
+                                 warmup_ratio=rc.warmup_ratio, weight_decay=rc.weight_decay, grad_clip=rc.grad_clip,
+                                 seed=seed, distill_alpha=rc.distill_alpha, temperature=rc.temperature)
+        result = train_classifier(student, tokenizer, dataset.train, dataset.validation, dataset.label_names,
+                                  settings, teacher=teacher, show_progress=show_progress, label="recovery")
+        recovery.update({"lr": rc.lr, "batch_size": rc.batch_size, "warmup_ratio": rc.warmup_ratio,
+                         "weight_decay": rc.weight_decay, "grad_clip": rc.grad_clip,
+                         "distill_alpha": rc.distill_alpha, "temperature": rc.temperature,
+                         "best_epoch": result.best_epoch, "history": result.epochs,
+                         "train_s": result.train_seconds})
+    student.eval()
+    student.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    copy_side_files(model_dir, out / ".side")
+    for f in (out / ".side").iterdir():  # only what save_pretrained did not write (edgeft.json, ...)
+        if not (out / f.name).exists():
+            f.replace(out / f.name)
+    shutil.rmtree(out / ".side")
+    # The pruned folder must reload to the same function (pruned_heads + FFN width in config.json).
+    reloaded = load_classifier(str(out))
+    probe = dataset.validation.texts[:16]
+    a = predict_logits(student, tokenizer, probe, max_length=max_length)
+    b = predict_logits(reloaded, tokenizer, probe, max_length=max_length)
+    reload_diff = float(np.abs(a - b).max()) if len(probe) else 0.0
+    if reload_diff > 1e-4:
+        raise ModelError(f"the pruned model does not reload identically (max |diff| {reload_diff:.2e})",
+                         "report this; set compress.prune: null meanwhile")
+    logits = evaluator.torch_logits(student)
+    fields = {"runtime": "torch-fp32", "path": report_path, "method": "taylor-importance, uniform per layer",
+              "targets": {"heads": cfg.heads, "ffn": cfg.ffn}, "importance_samples": imp.samples,
+              "importance_batch_size": cfg.importance_batch_size,
+              "plan": plan.summary(), "shapes": shape_summary(heads_before, head_counts(student), ffn_before,
+                                                              ffn_sizes(student)),
+              "params_before": params_before, "params": count_parameters(student), "size_mb": model_size_mb(out),
+              "validation_before_recovery": before_recovery, "recovery": recovery,
+              "reload_max_abs_diff": reload_diff, "elapsed_s": time.perf_counter() - t0,
+              "importance_s": t_imp, **evaluator.metrics(logits)}
+    return student, StepResult("prune", fields, path=out, logits=logits)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ MIN_CALIBRATION_SAMPLES = 16
 SENSITIVE_OPS = ("MatMul", "Attention")
 STATIC_OPS = ("MatMul", "Gather")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+WEIGHT_TYPES = ("s8", "u8")
 
 
 def _quiet() -> None:
@@ -43,27 +45,20 @@ def quantizable_nodes(onnx_path: str | Path) -> list[str]:
     return out
 
 
-def _name_nodes(onnx_path: Path) -> None:
-    """Give every node a unique name (needed to exclude nodes from quantization)."""
-    import onnx
+def _weight_type(name: str):
+    from onnxruntime.quantization import QuantType
 
-    model = onnx.load(str(onnx_path))
-    seen, changed = set(), False
-    for i, n in enumerate(model.graph.node):
-        if not n.name or n.name in seen:
-            n.name = f"{n.op_type}_{i}"
-            changed = True
-        seen.add(n.name)
-    if changed:
-        onnx.save(model, str(onnx_path))
+    if name not in WEIGHT_TYPES:
+        raise ModelError(f"unknown int8 weight type '{name}'", f"use one of {', '.join(WEIGHT_TYPES)}")
+    return QuantType.QInt8 if name == "s8" else QuantType.QUInt8
 
 
 def quantize_dynamic(src: str | Path, dst: str | Path, *, per_channel: bool = True, reduce_range: bool = False,
-                     exclude: Iterable[str] = (), only: Iterable[str] | None = None) -> Path:
-    """Dynamic int8: weights quantized offline (s8, per output channel by default), activations
-    quantized on the fly. Quantizes MatMul, fused Attention, Gather/EmbedLayerNormalization tables."""
+                     exclude: Iterable[str] = (), only: Iterable[str] | None = None, weight_type: str = "s8") -> Path:
+    """Dynamic int8: weights quantized offline (``weight_type`` s8 or u8, per output channel by default),
+    activations (u8) quantized on the fly. Quantizes MatMul, fused Attention, Gather/EmbedLayerNormalization
+    tables. ``reduce_range`` quantizes weights to 7 bits (the u8s8 saturation remedy on CPUs without VNNI)."""
     import onnx
-    from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     _quiet()
@@ -72,7 +67,7 @@ def quantize_dynamic(src: str | Path, dst: str | Path, *, per_channel: bool = Tr
     dst.parent.mkdir(parents=True, exist_ok=True)
     with quiet_logs():
         ort_quantize_dynamic(str(src), str(dst), per_channel=per_channel, reduce_range=reduce_range,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude) or None,
+                             weight_type=_weight_type(weight_type), nodes_to_exclude=list(exclude) or None,
                              nodes_to_quantize=list(only) if only is not None else None,
                              extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
     return dst
@@ -109,7 +104,7 @@ def calibration_feeds(onnx_path: str | Path, tokenizer, texts: list[str], *, max
 
 def quantize_static(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], *,
                     method: str = "minmax", per_channel: bool = True, reduce_range: bool = False,
-                    exclude: Iterable[str] = (), only: Iterable[str] | None = None) -> Path:
+                    exclude: Iterable[str] = (), only: Iterable[str] | None = None, weight_type: str = "s8") -> Path:
     """Static int8 in QDQ format: activation ranges calibrated on ``feeds`` (MinMax/Entropy/Percentile),
     u8 activations and s8 weights (the VNNI-friendly combination)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
@@ -129,7 +124,7 @@ def quantize_static(src: str | Path, dst: str | Path, feeds: list[dict[str, np.n
     with quiet_logs():
         ort_quantize_static(str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, reduce_range=reduce_range,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8, weight_type=_weight_type(weight_type),
                             nodes_to_exclude=list(exclude) or None,
                             nodes_to_quantize=list(only) if only is not None else None,
                             # Weighted ops only: histogram calibrators fail on constant tensors elsewhere
@@ -165,10 +160,6 @@ def exclusion_steps(budget: int) -> list[int]:
     if budget > 0:
         steps.append(budget)
     return steps
-
-
-def onnx_size_mb(path: str | Path) -> float:
-    return Path(path).stat().st_size / 1e6
 
 
 def optimum_baseline(model_dir: Path, out_dir: Path) -> Path:
@@ -214,3 +205,176 @@ def quantized_op_summary(path: str | Path) -> dict[str, int]:
     keys = ("MatMulInteger", "DynamicQuantizeLinear", "QAttention", "QEmbedLayerNormalization", "QuantizeLinear",
             "DequantizeLinear", "MatMul", "Attention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
     return {k: counts[k] for k in keys if k in counts}
+
+
+# ---------------------------------------------------------------- the compress stage's int8 step
+
+SENSITIVITY_SAMPLES = 256  # validation samples used to score each node (KL of logits vs the float parent)
+
+
+@dataclass(frozen=True)
+class Int8Scheme:
+    """One way to quantize: u8 activations with s8 or u8 weights, full or reduced (7-bit) weight range."""
+
+    name: str
+    weight_type: str
+    reduce_range: bool
+    why: str
+
+    def describe(self) -> dict:
+        return {"scheme": self.name, "weights": self.weight_type, "activations": "u8",
+                "reduce_range": self.reduce_range, "why": self.why}
+
+
+def cpu_int8_info() -> dict:
+    """The CPU's int8 capabilities (model, int8/bf16 flags, VNNI, AMX) as ``edgeft.artifacts.cpu_info`` finds them."""
+    from edgeft.artifacts import cpu_info
+
+    info = cpu_info()
+    return {k: info.get(k) for k in ("model", "flags", "has_vnni", "has_amx_int8")}
+
+
+def int8_schemes(reduce_range: bool, cpu: dict) -> tuple[list[Int8Scheme], str]:
+    """The schemes to try, the configured one first, and why.
+
+    With VNNI (or AMX int8) u8s8 products accumulate without saturation: only the configured scheme.
+    Without it ONNX Runtime's x86-64 u8s8 kernels use VPMADDUBSW, whose int16 intermediate sums can
+    saturate; ORT's quantization docs name two remedies, ``reduce_range`` (7-bit weights) and u8u8.
+    Both are tried too and the choice is made on validation accuracy."""
+    configured = Int8Scheme("u8s8-reduce-range" if reduce_range else "u8s8", "s8", reduce_range,
+                            "configured (compress.quantize)")
+    if cpu.get("has_vnni") or cpu.get("has_amx_int8"):
+        return [configured], "the CPU has VNNI/AMX int8 (no u8s8 saturation): the configured scheme only"
+    out = [configured]
+    if not reduce_range:
+        out.append(Int8Scheme("u8s8-reduce-range", "s8", True,
+                              "7-bit weights keep VPMADDUBSW's int16 sums from saturating"))
+    out.append(Int8Scheme("u8u8", "u8", False, "u8 weights take the u8u8 kernels, which do not saturate"))
+    return out, ("the CPU lacks VNNI (flags: " + (", ".join(cpu.get("flags") or []) or "none") + "): ONNX Runtime "
+                 "documents that u8s8 may saturate there (use reduce_range or u8u8); the documented remedies are "
+                 "tried before the sensitivity search and the most accurate on validation is kept (ties: the "
+                 "configured scheme)")
+
+
+def quantize_step(src: Path, root: Path, cfg, dataset, evaluator, parent_logits: dict, *, seed: int, max_length: int,
+                  goal_fields: Callable[[dict], dict], parent_meets_goal: bool, dst_rel: str = "int8/model.onnx",
+                  log: Callable[[str], None] | None = None, cpu: dict | None = None):
+    """The compress stage's int8 step on ``src`` (an ONNX file inside ``root``) with ``cfg`` (a
+    ``QuantizeConfig``): pick the scheme (hardware-aware, see :func:`int8_schemes`), then, when the goal
+    is missed and the float parent meets it, keep the most sensitive nodes in fp32 within
+    ``cfg.sensitivity_budget``. Writes ``root/dst_rel`` and returns its ``StepResult``."""
+    from edgeft.data import stratified_subsample
+    from edgeft.evaluate import StepResult, compare, kl_divergence
+    from edgeft.export import check_onnx, model_size_mb, onnx_param_count
+
+    log = log or (lambda _msg: None)
+    src, root = Path(src), Path(root)
+    dst = root / dst_rel
+    work = root / ".quantize-work"
+    work.mkdir(exist_ok=True)
+    cpu = cpu if cpu is not None else cpu_int8_info()
+    if cfg.mode == "static":
+        rng = np.random.default_rng(seed)
+        idx = rng.permutation(len(dataset.train))[:cfg.calibration.samples]
+        feeds = calibration_feeds(src, evaluator.tokenizer, dataset.train.take(idx).texts, max_length=max_length)
+        calibration = {"method": cfg.calibration.method, "samples": len(feeds), "split": "train"}
+
+        def make_qfn(scheme: Int8Scheme):
+            def qfn(s, d, exclude=(), only=None):
+                return quantize_static(s, d, feeds, method=cfg.calibration.method, per_channel=cfg.per_channel,
+                                       reduce_range=scheme.reduce_range, weight_type=scheme.weight_type,
+                                       exclude=exclude, only=only)
+            return qfn
+    else:
+        calibration = None
+
+        def make_qfn(scheme: Int8Scheme):
+            def qfn(s, d, exclude=(), only=None):
+                return quantize_dynamic(s, d, per_channel=cfg.per_channel, reduce_range=scheme.reduce_range,
+                                        weight_type=scheme.weight_type, exclude=exclude, only=only)
+            return qfn
+
+    attempts: list[dict] = []
+    paths: dict[int, Path] = {}
+
+    def attempt(qfn, scheme: Int8Scheme, exclude: list[str], record: bool = True) -> dict:
+        path = work / f"try{len(paths)}" / "model.onnx"
+        qfn(src, path, exclude=exclude)
+        logits = evaluator.onnx_logits(path)
+        rec = {"fp32_nodes": list(exclude), **evaluator.metrics(logits), **compare(logits, parent_logits,
+                                                                                    float_step=False),
+               "size_mb": model_size_mb(path)}
+        rec.update(goal_fields(rec))
+        paths[id(rec)] = path
+        if record:
+            attempts.append(rec)
+        return rec
+
+    # ---- 1. the scheme: the configured one, and on CPUs without VNNI the documented remedies
+    schemes, reason = int8_schemes(cfg.reduce_range, cpu)
+    tried = [(s, attempt(make_qfn(s), s, [], record=False)) for s in schemes]
+    best_i = max(range(len(tried)), key=lambda i: (tried[i][1]["validation"]["accuracy"], -i))
+    scheme, first = tried[best_i]
+    attempts.append(first)
+    for s, rec in tried:
+        if len(tried) > 1:
+            log(f"  int8 {s.name}: validation acc {rec['validation']['accuracy']:.4f} "
+                f"(drop {rec['accuracy_drop_points']:.2f} points)")
+    qfn = make_qfn(scheme)
+    log(f"  int8 {cfg.mode} {scheme.name}{' per-channel' if cfg.per_channel else ''}: validation acc "
+        f"{first['validation']['accuracy']:.4f} (drop {first['accuracy_drop_points']:.2f} points), "
+        f"agreement {first['agreement_vs_parent']['validation']:.4f}")
+    scheme_choice = {
+        "cpu": cpu, "reason": reason, "chosen": scheme.name,
+        "candidates": [{**s.describe(), "validation_accuracy": r["validation"]["accuracy"],
+                        "accuracy_drop_points": r["accuracy_drop_points"], "meets_goal": r["meets_goal"],
+                        "agreement_vs_parent": r["agreement_vs_parent"]["validation"]} for s, r in tried],
+    }
+
+    # ---- 2. sensitivity fallback: keep the most sensitive nodes in fp32
+    sensitivity: dict[str, float] = {}
+    search_note = None
+    if not first["meets_goal"] and cfg.sensitivity_budget > 0:
+        if not parent_meets_goal:
+            search_note = "skipped: the float model already misses the goal, keeping nodes fp32 cannot fix that"
+        else:
+            nodes = quantizable_nodes(src)
+            sub = stratified_subsample(dataset.validation, SENSITIVITY_SAMPLES, seed + 7)
+            parent_sub = evaluator.onnx_texts_logits(src, sub.texts)
+            log(f"  int8 misses the goal: measuring the sensitivity of {len(nodes)} nodes")
+            def score(path: Path) -> float:
+                return kl_divergence(parent_sub, evaluator.onnx_texts_logits(path, sub.texts))
+
+            sensitivity = node_sensitivity(qfn, src, nodes, score, work)
+            ranked = sorted(sensitivity, key=sensitivity.get, reverse=True)
+            for k in exclusion_steps(min(cfg.sensitivity_budget, len(ranked))):
+                rec = attempt(qfn, scheme, ranked[:k])
+                log(f"    {k} node(s) fp32: validation acc {rec['validation']['accuracy']:.4f} "
+                    f"(drop {rec['accuracy_drop_points']:.2f})")
+                if rec["meets_goal"]:
+                    break
+    # Keep the first attempt that meets the goal (fewest fp32 nodes, fastest); else the most accurate.
+    meeting = [a for a in attempts if a["meets_goal"]]
+    chosen = meeting[0] if meeting else max(attempts, key=lambda a: (a["validation"]["accuracy"],
+                                                                     -len(a["fp32_nodes"])))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    paths[id(chosen)].replace(dst)
+    copy_side_files(src.parent, dst.parent)
+    shutil.rmtree(work, ignore_errors=True)
+    checks = check_onnx(dst)
+    fields = {"runtime": "onnxruntime-cpu", "path": dst_rel, "mode": cfg.mode, "per_channel": cfg.per_channel,
+              "reduce_range": scheme.reduce_range, "input": str(src.relative_to(root)),
+              "weights": scheme.weight_type,
+              "activations": "u8 (dynamic, per tensor)" if cfg.mode == "dynamic" else "u8 (static QDQ)",
+              **({"calibration": calibration} if calibration else {}),
+              "scheme": scheme.name, "scheme_choice": scheme_choice, "cpu_int8": cpu,
+              "size_mb": model_size_mb(dst), "params": onnx_param_count(dst),
+              "quantized_ops": quantized_op_summary(dst), "checks": checks,
+              **chosen,
+              "attempts": [{k: v for k, v in a.items() if k != "test"} for a in attempts],
+              "sensitivity": dict(sorted(sensitivity.items(), key=lambda kv: -kv[1])) if sensitivity else {},
+              "sensitivity_metric": f"KL(parent || int8) of logits on {SENSITIVITY_SAMPLES} validation samples, "
+                                    "one node quantized at a time" if sensitivity else None}
+    if search_note:
+        fields["sensitivity_note"] = search_note
+    return StepResult("quantize", fields, path=dst)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeft.data import Split
+from edgeft.evaluate import pad_batch, tokenize
 from edgeft.metrics import classification_metrics
 from edgeft.progress import bar
 
@@ -45,20 +46,9 @@ class TrainResult:
     train_samples_per_s: float = 0.0
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> list[dict]:
-    enc = tokenizer(texts, truncation=True, max_length=max_length)
-    keys = list(enc.keys())
-    return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
-
-
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence in the batch (dynamic padding)."""
-    longest = max(len(f["input_ids"]) for f in features)
-    out = {}
-    for key in features[0]:
-        fill = pad_id if key == "input_ids" else 0
-        out[key] = torch.tensor([f[key] + [fill] * (longest - len(f[key])) for f in features], dtype=torch.long)
-    return out
+    """Pad to the longest sequence in the batch (dynamic padding), as torch tensors."""
+    return {k: torch.from_numpy(v) for k, v in pad_batch(features, pad_id).items()}
 
 
 @torch.inference_mode()
@@ -66,19 +56,16 @@ def predict_logits(model, tokenizer, texts: list[str], *, max_length: int, batch
                    show_progress: bool = False, label: str = "evaluate") -> np.ndarray:
     """Logits for ``texts``. Batches are formed over length-sorted texts (less padding), and
     results are put back in the original order."""
+    from edgeft.evaluate import predict_batched
+
     model.eval()
-    feats = tokenize(tokenizer, texts, max_length)
-    order = np.argsort([len(f["input_ids"]) for f in feats], kind="stable")
-    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
-    pad_id = tokenizer.pad_token_id or 0
-    n_batches = math.ceil(len(texts) / batch_size)
-    with bar(label, n_batches, enabled=show_progress) as b:
-        for start in range(0, len(texts), batch_size):
-            idx = order[start:start + batch_size]
-            batch = collate([feats[i] for i in idx], pad_id)
-            out[idx] = model(**batch).logits.float().numpy()
-            b.advance()
-    return out
+
+    def run_batch(batch: dict[str, np.ndarray]) -> np.ndarray:
+        return model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
+
+    with bar(label, math.ceil(len(texts) / batch_size), enabled=show_progress) as b:
+        return predict_batched(run_batch, tokenizer, texts, max_length=max_length, batch_size=batch_size,
+                               num_outputs=model.config.num_labels, on_batch=b.advance)
 
 
 def evaluate(model, tokenizer, split: Split, label_names: list[str], *, max_length: int,
@@ -154,7 +141,7 @@ def train_classifier(model, tokenizer, train: Split, validation: Split, label_na
         val = evaluate(model, tokenizer, validation, label_names, max_length=settings.max_length,
                        batch_size=settings.eval_batch_size)
         record = {"epoch": epoch, "steps": n_this, "train_loss": float(np.mean(losses)),
-                  "train_seconds": epoch_s, "train_samples_per_s": epoch_samples / epoch_s,
+                  "train_s": epoch_s, "train_samples_per_s": epoch_samples / epoch_s,
                   "validation_accuracy": val["accuracy"], "validation_macro_f1": val["macro_f1"]}
         result.epochs.append(record)
         if show_progress:

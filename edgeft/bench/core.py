@@ -18,6 +18,7 @@ from edgeft.bench.runtimes import (MODEL_FORMAT, RUNTIMES, Engine, PeakMemory, R
                                    detect_runtimes, gpu_info, load_engine, select_runtimes, set_torch_threads)
 from edgeft.bench.timing import TimingPlan, measure_interleaved
 from edgeft.errors import EdgeftError, ModelError
+from edgeft.hardware import usable_cores
 from edgeft.progress import say
 from edgeft.recipe import BenchConfig
 
@@ -53,10 +54,6 @@ class Variant:
 
     def key(self, batch: int, seq: int) -> str:
         return f"{self.label}/b{batch}/s{seq}"
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def bench_paths(paths: list[Path], cfg: BenchConfig, dataset, out_dir: Path, *, show_progress: bool = True) -> dict:
@@ -122,22 +119,14 @@ def synthetic_batch(tokenizer, batch: int, seq: int, seed: int = 0) -> dict[str,
 
 
 def _predict(v: Variant, texts: list[str], max_length: int) -> np.ndarray:
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    out: np.ndarray | None = None
-    for start in range(0, len(texts), EVAL_BATCH):
-        idx = order[start:start + EVAL_BATCH]
-        enc = v.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="np")
-        logits = v.engine.logits(dict(enc))
-        if out is None:
-            out = np.zeros((len(texts), logits.shape[-1]), dtype=np.float32)
-        out[idx] = logits
-    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+    from edgeft.evaluate import predict_batched
+
+    return predict_batched(v.engine.logits, v.tokenizer, texts, max_length=max_length, batch_size=EVAL_BATCH)
 
 
 def _quality(variants: list[Variant], ref: Variant | None, dataset, cfg: BenchConfig, show: bool) -> dict | None:
     from edgeft.data import stratified_subsample
-    from edgeft.metrics import agreement, classification_metrics
+    from edgeft.evaluate import agreement_and_diff, split_metrics
 
     if dataset is None:
         for v in variants:
@@ -162,12 +151,11 @@ def _quality(variants: list[Variant], ref: Variant | None, dataset, cfg: BenchCo
                                                             f"{dataset.num_labels} labels"}
             continue
         v.logits, v.preds = logits, logits.argmax(-1)
-        m = classification_metrics(labels, v.preds, dataset.label_names)
+        m = split_metrics(labels, logits, dataset.label_names)
         v.quality = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "eval_max_length": max_len,
                      "eval_s": round(time.perf_counter() - t0, 2)}
         if ref is not None and ref.preds is not None:
-            v.quality["agreement"] = agreement(ref.preds, v.preds)
-            v.quality["max_abs_logit_diff"] = float(np.max(np.abs(ref.logits - logits))) if len(logits) else 0.0
+            v.quality["agreement"], v.quality["max_abs_logit_diff"] = agreement_and_diff(logits, ref.logits)
         say(f"  accuracy {v.label}: {m['accuracy']:.4f} ({len(split)} {cfg.eval_split} samples, "
             f"{v.quality['eval_s']:.1f}s)", enabled=show)
     return {"dataset": dataset.name, "split": cfg.eval_split, "n": len(split), "sha256": split.sha256(),

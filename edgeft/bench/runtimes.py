@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import EdgeftError, ModelError
+from edgeft.hardware import MB, MIB
 
 RUNTIMES = ("torch-cpu", "ort-cpu", "torch-cuda", "ort-cuda", "ort-trt")
 MODEL_FORMAT = {"torch-cpu": "hf", "torch-cuda": "hf", "ort-cpu": "onnx", "ort-cuda": "onnx", "ort-trt": "onnx"}
@@ -72,16 +73,16 @@ def _gpu_present() -> tuple[bool, str]:
 
 
 def gpu_used_mb() -> float | None:
-    """Device-wide used GPU memory (MB) of GPU 0; None without a GPU."""
+    """Device-wide used GPU memory (MB, 10^6 bytes) of GPU 0; None without a GPU."""
     ok, _ = _cuda_available()
     if ok:
         import torch
 
         free, total = torch.cuda.mem_get_info()
-        return (total - free) / 2**20
+        return (total - free) / MB
     rows = _nvidia_smi("memory.used")
     try:
-        return float(rows[0].split(",")[0]) if rows else None
+        return float(rows[0].split(",")[0]) * MIB / MB if rows else None  # nvidia-smi reports MiB
     except ValueError:
         return None
 
@@ -156,7 +157,7 @@ class PeakMemory:
         import psutil
 
         self._proc = psutil.Process()
-        self.rss_before_mb = self._proc.memory_info().rss / 2**20
+        self.rss_before_mb = self._proc.memory_info().rss / MB
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self.is_exact_peak = _proc_status_kb("VmHWM") is not None
@@ -168,7 +169,7 @@ class PeakMemory:
 
     def __exit__(self, *exc) -> None:
         hwm = _proc_status_kb("VmHWM") if self.is_exact_peak else None
-        self.peak_rss_mb = hwm / 1024 if hwm is not None else self._proc.memory_info().rss / 2**20
+        self.peak_rss_mb = hwm * 1024 / MB if hwm is not None else self._proc.memory_info().rss / MB  # VmHWM: kB = KiB
         if self.cuda and self._gpu0 is not None:
             if _cuda_available()[0]:
                 import torch
@@ -334,10 +335,14 @@ def gpu_info() -> dict | None:
         if not rows:
             return None
         parts = [p.strip() for p in rows[0].split(",")]
-        return {"name": parts[0], "memory_mb": parts[1] if len(parts) > 1 else None,
+        try:
+            memory_mb = round(float(parts[1]) * MIB / MB) if len(parts) > 1 else None  # nvidia-smi: MiB
+        except ValueError:
+            memory_mb = None
+        return {"name": parts[0], "memory_mb": memory_mb,
                 "driver": parts[2] if len(parts) > 2 else None, "count": len(rows), "seen_by": "nvidia-smi"}
     import torch
 
     props = torch.cuda.get_device_properties(0)
-    return {"name": name, "memory_mb": round(props.total_memory / 2**20), "capability": f"{props.major}.{props.minor}",
+    return {"name": name, "memory_mb": round(props.total_memory / MB), "capability": f"{props.major}.{props.minor}",
             "cuda": torch.version.cuda, "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}

@@ -60,12 +60,12 @@ def test_compress_happy_path(tiny_model_dir, tiny_csv, tmp_path):
 
 
 def test_goal_missed_writes_everything_then_exits_1(tiny_model_dir, tiny_csv, tmp_path, monkeypatch):
-    import edgeft.compress as comp_mod
+    from edgeft.evaluate import SplitEvaluator
 
-    real = comp_mod._Eval.onnx_logits
+    real = SplitEvaluator.onnx_logits
 
-    def wrong_for_int8(self, path):
-        logits = real(self, path)
+    def wrong_for_int8(self, path, *args, **kwargs):
+        logits = real(self, path, *args, **kwargs)
         if "quantize-work" in str(path) or str(path).endswith("int8/model.onnx"):
             # every prediction wrong: a quantization that destroys the model
             for split, lg in logits.items():
@@ -73,7 +73,7 @@ def test_goal_missed_writes_everything_then_exits_1(tiny_model_dir, tiny_csv, tm
                 lg[:] = np.eye(lg.shape[1])[(labels + 1) % lg.shape[1]]
         return logits
 
-    monkeypatch.setattr(comp_mod._Eval, "onnx_logits", wrong_for_int8)
+    monkeypatch.setattr(SplitEvaluator, "onnx_logits", wrong_for_int8)
     recipe = _recipe(tmp_path, tiny_csv, {"prune": None, "max_accuracy_drop": 5.0,
                                           "quantize": {"sensitivity_budget": 2}})
     code, out = _run(["compress", str(tiny_model_dir), "--recipe", str(recipe), "--out", str(tmp_path / "run"),
@@ -161,3 +161,201 @@ def test_label_mismatch(tmp_path, tiny_csv):
 
     model = make_tiny_classifier(tmp_path / "three", num_labels=3)
     assert "labels" in _bad(tmp_path, tiny_csv, model)
+
+
+# ---------------------------------------------------------------- issue 8: each stage reads its own section
+
+
+class _Stop(Exception):
+    pass
+
+
+def _load(tmp_path: Path, tiny_csv: Path, finetune: dict, compress: dict | None = None):
+    from edgeft.data import load_dataset
+    from edgeft.recipe import recipe_from_dict
+
+    r = recipe_from_dict({"name": "tiny", "data": {"dataset": str(tiny_csv)},
+                          "finetune": {"max_length": 32, **finetune}, "compress": {**FAST, **(compress or {})}})
+    return r, load_dataset(r.data, seed=r.seed)
+
+
+def test_finetune_settings_do_not_reach_compress(tiny_model_dir, tiny_csv, tmp_path, monkeypatch):
+    """finetune.batch_size/warmup_ratio/weight_decay/grad_clip/threads used to drive recovery and importance."""
+    import edgeft.finetune
+    import edgeft.prune
+    import edgeft.train
+    from edgeft.compress import compress
+
+    seen: list[dict] = []
+    real_importance, real_threads = edgeft.prune.importance, edgeft.finetune.set_threads
+
+    def spy_importance(*args, **kwargs):
+        seen[-1]["importance_batch_size"] = kwargs["batch_size"]
+        return real_importance(*args, **kwargs)
+
+    def spy_threads(n):
+        seen.append({"threads": n})
+        return real_threads(n)
+
+    def spy_train(model, tok, train, val, names, settings, **kwargs):
+        seen[-1]["recovery"] = settings
+        raise _Stop
+
+    monkeypatch.setattr(edgeft.prune, "importance", spy_importance)
+    monkeypatch.setattr(edgeft.finetune, "set_threads", spy_threads)
+    monkeypatch.setattr(edgeft.train, "train_classifier", spy_train)
+    odd = {"batch_size": 7, "warmup_ratio": 0.4, "weight_decay": 0.2, "grad_clip": 9.0, "threads": 1,
+           "eval_batch_size": 3}
+    for i, ft in enumerate(({}, odd)):
+        r, ds = _load(tmp_path, tiny_csv, ft)
+        with pytest.raises(_Stop):
+            compress(tiny_model_dir, r, ds, tmp_path / f"c{i}", show_progress=False)
+    default, changed = seen
+    assert default == changed  # nothing of finetune.* reached the compress stage
+    from edgeft.recipe import PruneConfig, RecoveryConfig
+
+    rc, s = RecoveryConfig(), default["recovery"]
+    assert (s.batch_size, s.warmup_ratio, s.weight_decay, s.grad_clip) == (rc.batch_size, rc.warmup_ratio,
+                                                                         rc.weight_decay, rc.grad_clip)
+    assert default["importance_batch_size"] == PruneConfig().importance_batch_size and default["threads"] is None
+
+    # ... and compress's own fields do reach it
+    seen.clear()
+    r, ds = _load(tmp_path, tiny_csv, {}, {"threads": 1, "prune": {**FAST["prune"], "importance_batch_size": 5,
+                                                                   "recovery": {"epochs": 0.25, "batch_size": 4,
+                                                                                "grad_clip": 2.0}}})
+    with pytest.raises(_Stop):
+        compress(tiny_model_dir, r, ds, tmp_path / "c3", show_progress=False)
+    got = seen[0]
+    assert got["threads"] == 1 and got["importance_batch_size"] == 5
+    assert got["recovery"].batch_size == 4 and got["recovery"].grad_clip == 2.0
+    assert not (tmp_path / "c3").exists()
+
+
+def test_compress_model_takes_only_its_section(tiny_model_dir, tiny_csv, tmp_path):
+    import inspect
+
+    from edgeft.compress import compress_model
+    from edgeft.recipe import CompressConfig
+
+    params = inspect.signature(compress_model).parameters
+    assert params["cfg"].annotation in (CompressConfig, "CompressConfig")
+    assert "recipe" not in params
+
+
+# ---------------------------------------------------------------- issue 8: hardware-aware int8
+
+
+def _int8_report(tmp_path, tiny_csv, tiny_model_dir, name, compress=None):
+    recipe = _recipe(tmp_path, tiny_csv, {"prune": None, "max_accuracy_drop": 100, **(compress or {})})
+    code, out = _run(["compress", str(tiny_model_dir), "--recipe", str(recipe), "--out", str(tmp_path / name),
+                      "--quiet"])
+    assert code == 0, out
+    report = json.loads((tmp_path / name / "compress" / "report.json").read_text())
+    return report, next(s for s in report["steps"] if s["step"] == "quantize")
+
+
+NO_VNNI = {"model": "AMD EPYC (test)", "flags": ["avx2"], "has_vnni": False, "has_amx_int8": False}
+VNNI = {"model": "Xeon (test)", "flags": ["avx2", "avx512f", "avx512_vnni"], "has_vnni": True, "has_amx_int8": False}
+
+
+def test_int8_without_vnni_tries_the_documented_remedies_and_chooses_on_validation(tiny_model_dir, tiny_csv,
+                                                                                     tmp_path, monkeypatch):
+    import onnx
+
+    import edgeft.quantize
+    from edgeft.evaluate import SplitEvaluator
+
+    monkeypatch.setattr(edgeft.quantize, "cpu_int8_info", lambda: dict(NO_VNNI))
+    real = SplitEvaluator.onnx_logits
+
+    def u8s8_saturates(self, path, *args, **kwargs):
+        logits = real(self, path, *args, **kwargs)
+        if Path(path).parent.name in ("try0", "try1"):  # the u8s8 candidates: every prediction wrong
+            for split, lg in logits.items():
+                labels = np.asarray(self.dataset.split(split).labels)
+                lg[:] = np.eye(lg.shape[1])[(labels + 1) % lg.shape[1]]
+        return logits
+
+    monkeypatch.setattr(SplitEvaluator, "onnx_logits", u8s8_saturates)
+    report, q = _int8_report(tmp_path, tiny_csv, tiny_model_dir, "novnni")
+    choice = q["scheme_choice"]
+    assert choice["cpu"]["has_vnni"] is False and choice["cpu"]["flags"] == ["avx2"]
+    assert "VNNI" in choice["reason"] and "reduce_range" in choice["reason"]
+    assert [c["scheme"] for c in choice["candidates"]] == ["u8s8", "u8s8-reduce-range", "u8u8"]
+    assert [c["reduce_range"] for c in choice["candidates"]] == [False, True, False]
+    assert [c["weights"] for c in choice["candidates"]] == ["s8", "s8", "u8"]
+    accs = [c["validation_accuracy"] for c in choice["candidates"]]
+    assert accs[0] == accs[1] == 0.0 and accs[2] > 0.0
+    assert choice["chosen"] == q["scheme"] == "u8u8" and q["weights"] == "u8" and q["reduce_range"] is False
+    assert q["cpu_int8"] == NO_VNNI and q["sensitivity"] == {}  # a remedy, not the sensitivity fallback
+    model = onnx.load(str(tmp_path / "novnni" / "compress" / "int8" / "model.onnx"))
+    quantized = [t for t in model.graph.initializer if t.name.endswith("_quantized")]
+    assert quantized and all(t.data_type == onnx.TensorProto.UINT8 for t in quantized)
+    assert report["goal_met"] is True
+
+
+def test_int8_with_vnni_keeps_the_configured_scheme(tiny_model_dir, tiny_csv, tmp_path, monkeypatch):
+    import edgeft.quantize
+
+    monkeypatch.setattr(edgeft.quantize, "cpu_int8_info", lambda: dict(VNNI))
+    _, q = _int8_report(tmp_path, tiny_csv, tiny_model_dir, "vnni")
+    assert [c["scheme"] for c in q["scheme_choice"]["candidates"]] == ["u8s8"]
+    assert q["scheme"] == "u8s8" and q["weights"] == "s8" and "configured scheme only" in q["scheme_choice"]["reason"]
+
+
+def test_int8_schemes_ties_keep_the_configured_one():
+    from edgeft.quantize import int8_schemes
+
+    names = lambda rr, cpu: [s.name for s in int8_schemes(rr, cpu)[0]]  # noqa: E731
+    assert names(False, NO_VNNI) == ["u8s8", "u8s8-reduce-range", "u8u8"]
+    assert names(True, NO_VNNI) == ["u8s8-reduce-range", "u8u8"]
+    assert names(False, VNNI) == ["u8s8"] and names(False, {**NO_VNNI, "has_amx_int8": True}) == ["u8s8"]
+
+
+# ---------------------------------------------------------------- issue 8: report, checker, rendering
+
+
+def test_report_records_the_checker_run_and_has_no_private_keys(tiny_model_dir, tiny_csv, tmp_path):
+    import onnx
+
+    report, _ = _int8_report(tmp_path, tiny_csv, tiny_model_dir, "chk")
+    export = next(s for s in report["steps"] if s["step"] == "export")
+    assert export["checker"]["check_model"] == "basic" and export["checker"]["ok"] is True
+    assert export["checker"]["onnx_version"] == onnx.__version__
+    assert "CPUExecutionProvider" in export["checker"]["ort_session"]
+
+    def keys(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                yield k
+                yield from keys(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from keys(v)
+
+    assert not [k for k in keys(report) if str(k).startswith("_")]
+    # units: durations end in _s, sizes are 10^6 bytes
+    assert not [k for k in keys(report) if "seconds" in str(k)]
+    assert "wall_s" in report and all("elapsed_s" in s for s in report["steps"])
+    onnx_file = tmp_path / "chk" / "compress" / "onnx" / "model.onnx"
+    assert export["size_mb"] == onnx_file.stat().st_size / 1e6
+
+
+def test_the_library_does_not_render_the_cli_does(tiny_model_dir, tiny_csv, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import edgeft.progress
+    from edgeft.compress import compress
+
+    buf = io.StringIO()
+    monkeypatch.setattr(edgeft.progress, "console", Console(file=buf, width=200))
+    r, ds = _load(tmp_path, tiny_csv, {}, {"prune": None, "quantize": None, "max_accuracy_drop": 100})
+    compress(tiny_model_dir, r, ds, tmp_path / "lib", show_progress=True)
+    assert "compress" in buf.getvalue() and "val acc" not in buf.getvalue()  # progress lines, no table
+    recipe = _recipe(tmp_path, tiny_csv, {"prune": None, "quantize": None, "max_accuracy_drop": 100})
+    code, out = _run(["compress", str(tiny_model_dir), "--recipe", str(recipe), "--out", str(tmp_path / "cli")])
+    assert code == 0, out
+    assert "val acc" in buf.getvalue() and "goal met" in buf.getvalue()

@@ -228,5 +228,106 @@ def test_exclusion_steps():
     assert exclusion_steps(6) == [1, 2, 4, 6]
 
 
-def test_torch_reference_is_deterministic(torch_ref):
-    assert torch.isfinite(torch.as_tensor(torch_ref[1])).all()
+def test_torch_reference_is_deterministic(torch_ref, tiny_model_dir):
+    """Two fresh loads and runs give bit-identical logits, whatever the batching."""
+    from edgeft.modeling import load_classifier
+    from edgeft.train import predict_logits
+
+    tok, ref = torch_ref
+    assert torch.isfinite(torch.as_tensor(ref)).all()
+    for batch_size in (4, 4, 1):
+        again = predict_logits(load_classifier(str(tiny_model_dir)), tok, TEXTS, max_length=32, batch_size=batch_size)
+        if batch_size == 4:
+            np.testing.assert_array_equal(again, ref)  # same batching: bit-identical
+        else:
+            np.testing.assert_allclose(again, ref, atol=1e-5)
+
+
+def test_export_and_quantize_are_deterministic(tiny_model_dir, tmp_path):
+    """Exporting and quantizing the same model twice gives byte-identical ONNX files."""
+    from edgeft.export import export_onnx
+    from edgeft.quantize import quantize_dynamic
+
+    one = export_onnx(tiny_model_dir, tmp_path / "one", opset=17)
+    two = export_onnx(tiny_model_dir, tmp_path / "two", opset=17)
+    assert one.read_bytes() == two.read_bytes()
+    q1 = quantize_dynamic(one, tmp_path / "q1" / "model.onnx")
+    q2 = quantize_dynamic(two, tmp_path / "q2" / "model.onnx")
+    assert q1.read_bytes() == q2.read_bytes()
+
+
+# ---------------------------------------------------------------- issue 8: one of each, no dead code
+
+
+def test_ort_model_type_uses_its_argument():
+    from edgeft.export import ort_model_type
+
+    assert ort_model_type("bert") == ort_model_type("roberta") == ort_model_type("distilbert") == "bert"
+    assert ort_model_type("xlm-roberta") == "bert"
+    assert ort_model_type("gpt2") == "gpt2" and ort_model_type("t5") == "t5"  # ORT's own fusions for these
+    assert ort_model_type("some-new-type") == "bert"
+
+
+def test_dead_code_is_gone():
+    import edgeft.errors
+    import edgeft.quantize
+
+    assert not hasattr(edgeft.quantize, "_name_nodes") and not hasattr(edgeft.quantize, "onnx_size_mb")
+    assert not hasattr(edgeft.errors, "Regression")
+
+
+def test_usable_cores_is_written_once():
+    root = Path(__file__).parents[2] / "edgeft"
+    hits = [str(p.relative_to(root)) for p in root.rglob("*.py") if "sched_getaffinity" in p.read_text()]
+    assert hits == ["hardware.py"]
+    import edgeft.bench.core
+    import edgeft.onnx_eval
+    from edgeft.hardware import usable_cores
+
+    assert edgeft.onnx_eval.usable_cores is usable_cores and edgeft.bench.core.usable_cores is usable_cores
+
+
+def test_every_prediction_path_uses_the_one_batching(exported, torch_ref, tiny_model_dir, monkeypatch):
+    """torch (edgeft.train), ONNX Runtime (edgeft.onnx_eval) and the bench engines batch through
+    edgeft.evaluate.predict_batched, and agree."""
+    import edgeft.evaluate
+    from edgeft.bench.core import Variant, _predict
+    from edgeft.bench.models import ModelSpec
+    from edgeft.bench.runtimes import OrtEngine
+    from edgeft.modeling import load_classifier
+    from edgeft.train import predict_logits
+
+    tok, ref = torch_ref
+    calls = []
+    real = edgeft.evaluate.predict_batched
+
+    def spy(run_batch, *args, **kwargs):
+        calls.append(kwargs.get("batch_size"))
+        return real(run_batch, *args, **kwargs)
+
+    monkeypatch.setattr(edgeft.evaluate, "predict_batched", spy)
+    a = predict_logits(load_classifier(str(tiny_model_dir)), tok, TEXTS, max_length=32, batch_size=4)
+    b = _ort_logits(exported, tok)
+    v = Variant(ModelSpec("tiny", "onnx", exported, exported.parent), "ort-cpu", "fp32")
+    v.engine, v.tokenizer = OrtEngine(exported, "ort-cpu", "fp32", threads=1), tok
+    c = _predict(v, TEXTS, 32)
+    assert len(calls) == 3
+    np.testing.assert_array_equal(a, ref)
+    np.testing.assert_allclose(b, ref, atol=1e-4)
+    np.testing.assert_allclose(c, ref, atol=1e-4)
+
+
+def test_memory_mb_is_10_to_the_6_bytes_everywhere(monkeypatch):
+    """bench's memory figures used MiB while model sizes used 10^6 bytes; now all *_mb are 10^6 bytes."""
+    import psutil
+
+    import edgeft.bench.runtimes as rt
+
+    monkeypatch.setattr(rt, "_cuda_available", lambda: (False, "no GPU (test)"))
+    monkeypatch.setattr(rt, "_nvidia_smi", lambda q: ["1000, 2000, 550.1"] if "name" in q else ["1000"])
+    assert rt.gpu_info()["memory_mb"] == round(2000 * 2**20 / 1e6)  # nvidia-smi says MiB
+    assert rt.gpu_used_mb() == 1000 * 2**20 / 1e6
+    with rt.PeakMemory() as pm:
+        rss = psutil.Process().memory_info().rss
+    assert pm.peak_rss_mb >= 0.9 * rss / 1e6 and abs(pm.rss_before_mb - rss / 1e6) < 0.2 * rss / 1e6
+    assert pm.peak_rss_mb < 1.5 * rss / 1e6

@@ -142,3 +142,28 @@ def test_distilbert_prunes_and_reloads(tmp_path):
     reloaded = DistilBertForSequenceClassification.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_prune_step_is_public_and_reports_through_a_dataclass(tiny_model_dir, tiny_csv, tmp_path):
+    """The compress stage's prune step lives here (issue 8): it returns the student and a StepResult
+    whose report has no private keys, with its own recovery settings recorded."""
+    from edgeft.data import load_dataset
+    from edgeft.evaluate import SplitEvaluator, StepResult
+    from edgeft.modeling import load_classifier, load_tokenizer
+    from edgeft.prune import prune_step
+    from edgeft.recipe import DataConfig, PruneConfig
+
+    ds = load_dataset(DataConfig(dataset=str(tiny_csv)), seed=0)
+    teacher, tok = load_classifier(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    cfg = PruneConfig(heads=0.5, ffn=0.5, importance_samples=32, importance_batch_size=8,
+                      recovery={"epochs": 0.25, "batch_size": 8})
+    ev = SplitEvaluator(ds, tok, 32)
+    student, step = prune_step(tiny_model_dir, teacher, tok, cfg, ds, ev, tmp_path / "pruned", max_length=32, seed=0)
+    assert isinstance(step, StepResult) and step.path == tmp_path / "pruned"
+    assert set(step.logits) == {"validation", "test"} and step.logits["validation"].shape == (len(ds.validation), 2)
+    report = step.to_report()
+    assert report["step"] == "prune" and report["path"] == "pruned" and not any(k.startswith("_") for k in report)
+    assert report["recovery"]["batch_size"] == 8 and report["importance_batch_size"] == 8
+    assert report["params"] < report["params_before"] == count_parameters(teacher)
+    assert head_counts(student) == [2, 2] and ffn_sizes(student) == [32, 32]
+    assert load_classifier(str(tmp_path / "pruned")).config.intermediate_size == 32
