@@ -1,30 +1,41 @@
-"""Regression gate: compare a bench.json against a stored baseline, on the raw samples.
+"""Stored-baseline gate: compare a bench.json against a stored baseline, on the raw samples.
+
+For CI prefer the A/B gate (``edgeft.ab_gate``: both models timed interleaved in one process): numbers
+stored at another time carry the machine's drift (15-35 % on shared VMs), which no interval can remove.
+This mode is for when the old model cannot be run any more.
 
 Per result key present (status ok) in both reports:
 
 - latency: ratio = median(current) / median(baseline) with a 95 % bootstrap CI (and a one-sided Mann-Whitney
   rank test, reported). With ``normalize`` each side is first divided by the in-run reference model's latency
-  at the same batch/seq, so a baseline taken on one machine still gates on another.
-  * ``regression``: ratio > 1 + threshold and the CI's lower bound > 1 (a shift beyond both threshold and noise);
-  * ``inconclusive``: too few samples; either side grossly unstable (robust CV > ``max_cv``, 25 %); the CI
-    wider than the threshold (the noise cannot resolve a shift of the threshold's size); or ratio > 1 +
-    threshold while the CI still reaches 1 (cannot tell the shift from noise);
-  * ``improvement``: ratio < 1 / (1 + threshold) and the CI's upper bound < 1;
-  * ``ok`` otherwise.
+  at the same batch/seq, so a baseline taken on one machine still gates on another. With ``T = 1 + threshold``:
+  * ``regression``: the whole CI beyond T (its lower end > T), whatever the CV;
+  * ``inconclusive``: too few samples; either side grossly unstable (robust CV > ``max_cv``, 25 %) unless the
+    CI is wholly beyond T; or the CI holds T (the noise cannot tell the shift from the threshold). The output
+    says what would have resolved it (samples per side and seconds of timing, or a quieter machine);
+  * ``improvement``: ratio < 1 / T and the CI's upper end < 1;
+  * ``ok`` otherwise (the CI wholly below T).
 - accuracy (once per model/runtime/precision): a drop of more than ``max_accuracy_drop`` points is a regression.
+- model identity: each model's files (sha256 in the report's ``models``) are compared; a different checkpoint
+  under the same name is flagged in the output, and refused (exit 2) with ``expect_same_model``.
 
 Exit code: 0 only when nothing regressed and nothing is inconclusive; 1 for a regression and also for an
-inconclusive comparison (never a silent pass: the output says INCONCLUSIVE and why; re-run on a quieter
-machine). Bad input (missing/empty/corrupt file, other schema version, other model set, no key in common,
+inconclusive comparison (never a silent pass: the output says INCONCLUSIVE and why). Bad input (missing,
+empty, corrupt or malformed file, NaN accuracy, other schema version, other model set, no key in common,
 different evaluation data) raises ``EdgeftError``: exit 2.
+
+Cost: linear in the samples (one pass to check them, one sort per side for the bootstrap).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from edgeft.errors import EdgeftError
 
@@ -49,8 +60,25 @@ def parse_fraction(text: str | float) -> float:
     return value
 
 
+def _number(x) -> bool:
+    return type(x) in (int, float)  # not bool (True is an int), not strings
+
+
+def _check_samples(s, where: str, bad) -> np.ndarray:
+    if not isinstance(s, list) or not s:
+        bad(f"{where} has no valid raw samples (no samples_ms list)")
+    if not all(type(x) in (int, float) for x in s):
+        odd = next(x for x in s if type(x) not in (int, float))
+        bad(f"{where} has no valid raw samples: a sample is not a number ({type(odd).__name__})")
+    arr = np.asarray(s, dtype=np.float64)
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        bad(f"{where} has no valid raw samples: NaN, infinite or negative values")
+    return arr
+
+
 def load_report(path: Path, role: str = "report") -> dict:
-    """Read and check a bench.json (a folder holding bench.json is accepted)."""
+    """Read and check a bench.json (a folder holding bench.json is accepted). Everything the gate reads is
+    type-checked here, so a malformed report is one line and exit 2, never an internal error."""
     path = Path(path)
     if path.is_dir() and (path / "bench.json").is_file():
         path = path / "bench.json"
@@ -64,28 +92,75 @@ def load_report(path: Path, role: str = "report") -> dict:
         raise EdgeftError(f"{role} {path} is empty", "re-run 'edgeft bench' to write it")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise EdgeftError(f"{role} {path} is not valid JSON (line {e.lineno}: {e.msg})",
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        msg = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        raise EdgeftError(f"{role} {path} is not valid JSON ({msg})",
                           "re-run 'edgeft bench'; the file is truncated or corrupt") from None
+
+    def bad(what: str) -> None:
+        raise EdgeftError(f"{role} {path}: {what}", "re-run 'edgeft bench'; the gate reads only its reports")
+
     if not isinstance(data, dict) or "schema" not in data:
         raise EdgeftError(f"{role} {path} is not an edgeft bench report (no 'schema' field)",
                           "pass the bench.json written by 'edgeft bench'")
     if data["schema"] != SCHEMA:
-        raise EdgeftError(f"{role} {path} has schema '{data['schema']}'; this edgeft reads '{SCHEMA}'",
+        raise EdgeftError(f"{role} {path} has schema '{str(data['schema'])[:60]}'; this edgeft reads '{SCHEMA}'",
                           "re-create the baseline with this edgeft version")
     results = data.get("results")
     if not isinstance(results, list):
         raise EdgeftError(f"{role} {path} has no 'results' list", "re-run 'edgeft bench'")
+    seen: set[str] = set()
     for i, r in enumerate(results):
         if not isinstance(r, dict) or not {"key", "model", "status"} <= set(r):
-            raise EdgeftError(f"{role} {path}: results[{i}] lacks key/model/status", "re-run 'edgeft bench'")
-        if r["status"] == "ok":
-            s = r.get("samples_ms")
-            if not isinstance(s, list) or not s or not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
-                                                           for x in s):
-                raise EdgeftError(f"{role} {path}: result {r['key']} has no valid raw samples",
-                                  "re-run 'edgeft bench'; the gate decides on raw samples")
+            bad(f"results[{i}] lacks key/model/status")
+        for f in ("key", "model", "status"):
+            if not isinstance(r[f], str):
+                bad(f"results[{i}].{f} is not a string")
+        if r["status"] != "ok":
+            continue
+        where = f"result {r['key'][:120]}"
+        if r["key"] in seen:
+            bad(f"{where} appears twice")
+        seen.add(r["key"])
+        for f in ("runtime", "precision"):
+            if not isinstance(r.get(f, ""), str):
+                bad(f"{where}: {f} is not a string")
+        for f in ("batch", "seq"):
+            if f in r and type(r[f]) is not int:
+                bad(f"{where}: {f} is not an integer")
+        acc = r.get("accuracy")
+        if acc is not None and not (_number(acc) and math.isfinite(acc) and 0 <= acc <= 1):
+            bad(f"{where}: accuracy {acc!r} is not a number in [0, 1]")
+        r["_samples"] = _check_samples(r.get("samples_ms"), where, bad)
+    for name, kind in (("environment", dict), ("reference", dict), ("eval", dict), ("models", list)):
+        if data.get(name) is not None and not isinstance(data[name], kind):
+            bad(f"'{name}' is not {'an object' if kind is dict else 'a list'}")
+    env = data.get("environment") or {}
+    for name in ("threads", "cpu"):
+        if env.get(name) is not None and not isinstance(env[name], dict):
+            bad(f"environment.{name} is not an object")
+    ref = data.get("reference")
+    if ref and not all(isinstance(ref.get(f), str) for f in ("model", "runtime", "precision")):
+        bad("reference lacks model/runtime/precision strings")
+    ev = data.get("eval")
+    if ev and not isinstance(ev.get("sha256", ""), (str, type(None))):
+        bad("eval.sha256 is not a string")
+    for m in data.get("models") or []:
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str) \
+                or not isinstance(m.get("files", {}), dict) \
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in (m.get("files") or {}).items()):
+            bad("'models' holds an entry without a name and a files {name: sha256} map")
     return data
+
+
+def model_identities(report: dict) -> dict[str, str | None]:
+    """Model name -> sha256 over its sorted (file, sha256) pairs as the bench recorded them (None: no files)."""
+    out: dict[str, str | None] = {}
+    for m in report.get("models") or []:
+        files = m.get("files") or {}
+        out[m["name"]] = hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(files.items())).encode()).hexdigest() \
+            if files else None
+    return out
 
 
 @dataclass
@@ -99,6 +174,7 @@ class Comparison:
     ci: tuple[float, float] | None = None  # latency: ratio CI - 1
     p_value: float | None = None
     detail: str = ""
+    needed: dict | None = None  # inconclusive latency: samples per side / seconds that would have resolved it
 
     def line(self) -> str:
         tag = {"ok": "ok", "regression": "REGRESSION", "improvement": "faster", "inconclusive": "INCONCLUSIVE",
@@ -126,6 +202,7 @@ class GateResult:
     only_in_current: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)  # name -> {baseline, current, same}: the files' identities
 
     def count(self, verdict: str) -> int:
         return sum(c.verdict == verdict for c in self.comparisons)
@@ -156,16 +233,21 @@ class GateResult:
             lines.append(f"  unmatched: only in baseline: {', '.join(self.only_in_baseline)}")
         if self.only_in_current:
             lines.append(f"  unmatched: only in current: {', '.join(self.only_in_current)}")
+        differ = [n for n, m in self.models.items() if m["same"] is False]
+        if differ:
+            lines.append(f"  DIFFERENT checkpoint under the same name: {', '.join(differ)} (the files differ from the "
+                         "baseline's; pass --expect-same-model to refuse this)")
         lines += [f"  note: {n}" for n in self.notes]
         if self.verdict == "inconclusive":
-            lines.append("  inconclusive comparisons fail the gate (exit 1): re-run the bench on a quiet machine")
+            lines.append("  inconclusive comparisons fail the gate (exit 1): each line says what would resolve it; "
+                         "the A/B gate (--baseline-model OLD --candidate NEW) cancels machine drift")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"schema": GATE_SCHEMA, "verdict": self.verdict, "exit_code": self.exit_code, "settings": self.settings,
                 "comparisons": [c.__dict__ | {"ci": list(c.ci) if c.ci else None} for c in self.comparisons],
                 "only_in_baseline": self.only_in_baseline, "only_in_current": self.only_in_current,
-                "notes": self.notes}
+                "models": self.models, "notes": self.notes}
 
 
 def _ok_results(report: dict) -> dict[str, dict]:
@@ -176,29 +258,49 @@ def _ref_key(report: dict, r: dict) -> str | None:
     ref = report.get("reference")
     if not ref:
         return None
-    return f"{ref['model']}/{ref['runtime']}/{ref['precision']}/b{r['batch']}/s{r['seq']}"
+    return f"{ref['model']}/{ref['runtime']}/{ref['precision']}/b{r.get('batch')}/s{r.get('seq')}"
+
+
+def _needed(comp: Comparison, n: int, mean_ms: float, thr: float, lo: float, hi: float, point: float) -> None:
+    """Say how many samples per side would have put 1 + thr outside the CI (its width falls as 1/sqrt(n))."""
+    d = abs(math.log(point) - math.log1p(thr))
+    half = (math.log(hi) - math.log(lo)) / 2
+    if d < 1e-9 or half <= 0:
+        comp.needed = {"samples_per_side": None, "seconds": None}
+        comp.detail += "; the ratio sits on the threshold: more samples cannot resolve it"
+        return
+    need = max(n + 1, math.ceil(n * (half / d) ** 2))
+    secs = need * mean_ms / 1000 * 4 / 3  # + the 50 ms idle per 150 ms block of the bench's method
+    comp.needed = {"samples_per_side": need, "seconds": secs}
+    comp.detail += (f"; resolving it needs about {need} samples per side (~{secs:.0f}s of timing for this variant: "
+                    f"--set bench.max_seconds_per_variant={math.ceil(secs)}), or the A/B gate")
 
 
 def _latency(key: str, cur: dict, base: dict, thr: float, max_cv: float,
              cur_ref: dict | None = None, base_ref: dict | None = None) -> Comparison:
-    from edgeft.bench.stats import bootstrap_ratio_ci, mann_whitney, robust_cv, summarize
+    from edgeft.bench.stats import bootstrap_ratio_ci, mann_whitney, robust_cv
 
-    a, b = base["samples_ms"], cur["samples_ms"]
+    def arr(r: dict) -> np.ndarray:  # checked by load_report; edgeft.verify passes plain {"samples_ms": [...]}
+        return r["_samples"] if "_samples" in r else np.asarray(r["samples_ms"], dtype=np.float64)
+
+    a, b = arr(base), arr(cur)
     sets = [("baseline", a), ("current", b)]
-    if cur_ref is not None:
-        sets += [("baseline reference", base_ref["samples_ms"]), ("current reference", cur_ref["samples_ms"])]
     normalised = cur_ref is not None
-    ma, mb = summarize(a)["p50"], summarize(b)["p50"]
     if normalised:
-        ma, mb = ma / summarize(base_ref["samples_ms"])["p50"], mb / summarize(cur_ref["samples_ms"])["p50"]
+        ar, br = arr(base_ref), arr(cur_ref)
+        sets += [("baseline reference", ar), ("current reference", br)]
+    ma, mb = float(np.median(a)), float(np.median(b))
+    if normalised:
+        ma, mb = ma / float(np.median(ar)), mb / float(np.median(br))
     comp = Comparison(key, "latency", "ok", baseline=ma, current=mb,
                       detail="(normalised by the reference)" if normalised else "")
     few = [f"{name} n={len(s)}" for name, s in sets if len(s) < MIN_SAMPLES]
     if few:
         comp.verdict, comp.detail = "inconclusive", f"too few samples ({', '.join(few)} < {MIN_SAMPLES})"
+        comp.needed = {"samples_per_side": MIN_SAMPLES, "seconds": None}
         return comp
-    point, lo, hi = bootstrap_ratio_ci(a, b, base_ref=base_ref["samples_ms"] if normalised else None,
-                                       current_ref=cur_ref["samples_ms"] if normalised else None,
+    point, lo, hi = bootstrap_ratio_ci(a, b, base_ref=ar if normalised else None,
+                                       current_ref=br if normalised else None,
                                        confidence=CONFIDENCE)
     comp.change, comp.ci = point - 1, (lo - 1, hi - 1)
     if not normalised:
@@ -206,19 +308,23 @@ def _latency(key: str, cur: dict, base: dict, thr: float, max_cv: float,
     cvs = {name: robust_cv(s) for name, s in sets}
     unstable = [f"{name} robust CV {cv:.1%}" for name, cv in cvs.items() if cv > max_cv]
     noisy = [f"{name} robust CV {cv:.1%}" for name, cv in cvs.items() if NOISY_CV < cv <= max_cv]
-    if unstable:
+    limit = 1 + thr
+    n = min(len(a), len(b))
+    mean_ms = max(float(np.mean(a)), float(np.mean(b)))
+    if lo > limit:
+        comp.verdict = "regression"  # the whole CI beyond the threshold: whatever the CV
+        if unstable:
+            comp.detail = f"unstable ({', '.join(unstable)}) but the whole CI is beyond +{thr:.0%}"
+    elif unstable:
         comp.verdict = "inconclusive"
-        comp.detail = f"unstable: {', '.join(unstable)} > {max_cv:.0%}"
-    elif hi - lo > thr:
+        comp.detail = (f"unstable: {', '.join(unstable)} > {max_cv:.0%} and the CI does not clear the threshold; "
+                       "more samples do not fix a spread bulk: re-run on a quieter machine, or use the A/B gate")
+    elif hi >= limit:
         comp.verdict = "inconclusive"
-        comp.detail = (f"too noisy to resolve a {thr:.0%} shift: 95% CI {hi - lo:.1%} wide"
+        comp.detail = (f"the 95% CI ({lo - 1:+.1%}..{hi - 1:+.1%}) holds the +{thr:.0%} threshold"
                        + (f" ({', '.join(noisy)})" if noisy else ""))
-    elif point > 1 + thr and lo > 1:
-        comp.verdict = "regression"
-    elif point > 1 + thr:
-        comp.verdict = "inconclusive"
-        comp.detail = "slower beyond the threshold, but the CI reaches no change: noise or shift cannot be told apart"
-    elif point < 1 / (1 + thr) and hi < 1:
+        _needed(comp, n, mean_ms, thr, lo, hi, point)
+    elif point < 1 / limit and hi < 1:
         comp.verdict = "improvement"
     if noisy and comp.verdict in ("ok", "improvement", "regression"):
         comp.detail = f"noisy ({', '.join(noisy)} > {NOISY_CV:.0%}) but the CI resolves the threshold"
@@ -241,13 +347,28 @@ def _check_same_models(cur: dict, base: dict, current: Path, baseline: Path) -> 
 
 
 def gate(current: Path, baseline: Path, *, max_latency_regression: float, max_accuracy_drop: float,
-         normalize: bool, max_cv: float = MAX_CV) -> GateResult:
+         normalize: bool, max_cv: float = MAX_CV, expect_same_model: bool = False) -> GateResult:
     """Compare ``current`` against ``baseline`` (both bench.json); see the module docstring."""
-    if max_accuracy_drop < 0:
-        raise EdgeftError(f"--max-accuracy-drop {max_accuracy_drop} is negative", "give points, e.g. 0.5")
+    if not _number(max_accuracy_drop) or not math.isfinite(max_accuracy_drop) or max_accuracy_drop < 0:
+        raise EdgeftError(f"--max-accuracy-drop {max_accuracy_drop} is not a number of points >= 0",
+                          "give points, e.g. 0.5")
+    if not _number(max_latency_regression) or not math.isfinite(max_latency_regression) \
+            or not 0 <= max_latency_regression < 1:
+        raise EdgeftError(f"--max-latency-regression {max_latency_regression} is not a fraction in [0, 1)",
+                          "write it like 10%")
     cur = load_report(Path(current), "current report")
     base = load_report(Path(baseline), "baseline")
     _check_same_models(cur, base, Path(current), Path(baseline))
+    ids_c, ids_b = model_identities(cur), model_identities(base)
+    models = {name: {"baseline": ids_b.get(name), "current": ids_c.get(name),
+                     "same": None if ids_b.get(name) is None or ids_c.get(name) is None
+                     else ids_b[name] == ids_c[name]}
+              for name in sorted({r["model"] for r in cur["results"]})}
+    differ = [n for n, m in models.items() if m["same"] is False]
+    if expect_same_model and differ:
+        raise EdgeftError(f"{current} benched other checkpoints than baseline {baseline} under the same names "
+                          f"({', '.join(differ)}: the files' sha256 differ)",
+                          "gate the same model files, or drop --expect-same-model to compare different checkpoints")
     cur_ok, base_ok = _ok_results(cur), _ok_results(base)
     common = [k for k in base_ok if k in cur_ok]
     if not common:
@@ -257,7 +378,9 @@ def gate(current: Path, baseline: Path, *, max_latency_regression: float, max_ac
                      only_in_current=[k for k in cur_ok if k not in base_ok],
                      settings={"max_latency_regression": max_latency_regression,
                                "max_accuracy_drop": max_accuracy_drop, "normalize": normalize, "max_cv": max_cv,
-                               "confidence": CONFIDENCE, "current": str(current), "baseline": str(baseline)})
+                               "confidence": CONFIDENCE, "current": str(current), "baseline": str(baseline),
+                               "expect_same_model": expect_same_model},
+                     models=models)
     if normalize and (not cur.get("reference") or not base.get("reference")
                       or cur["reference"] != base["reference"]):
         raise EdgeftError("--normalize needs the same in-run reference model in both reports "
@@ -286,11 +409,14 @@ def gate(current: Path, baseline: Path, *, max_latency_regression: float, max_ac
     seen = set()
     for key in common:
         c, b = cur_ok[key], base_ok[key]
-        label = f"{c['model']}/{c['runtime']}/{c['precision']}"
+        label = f"{c['model']}/{c.get('runtime')}/{c.get('precision')}"
         if label in seen:
             continue
         seen.add(label)
         if c.get("accuracy") is None or b.get("accuracy") is None:
+            if (c.get("accuracy") is None) != (b.get("accuracy") is None):
+                res.notes.append(f"accuracy of {label} not compared: only the "
+                                 f"{'baseline' if c.get('accuracy') is None else 'current report'} has one")
             continue
         if not ce or not be or ce.get("sha256") != be.get("sha256"):
             raise EdgeftError(f"accuracy in {current} and baseline {baseline} was measured on different data "
@@ -301,10 +427,11 @@ def gate(current: Path, baseline: Path, *, max_latency_regression: float, max_ac
         res.comparisons.append(Comparison(label, "accuracy", "regression" if -delta > max_accuracy_drop + 1e-9 else "ok",
                                           baseline=b["accuracy"], current=c["accuracy"], change=delta))
 
-    ct, bt = cur["environment"].get("threads", {}), base["environment"].get("threads", {})
+    cenv, benv = cur.get("environment") or {}, base.get("environment") or {}
+    ct, bt = cenv.get("threads") or {}, benv.get("threads") or {}
     if ct.get("intra_op") != bt.get("intra_op"):
         res.notes.append(f"intra-op threads differ: baseline {bt.get('intra_op')}, current {ct.get('intra_op')}")
-    ccpu, bcpu = cur["environment"].get("cpu", {}).get("model"), base["environment"].get("cpu", {}).get("model")
+    ccpu, bcpu = (cenv.get("cpu") or {}).get("model"), (benv.get("cpu") or {}).get("model")
     if ccpu != bcpu:
         res.notes.append(f"CPU differs: baseline '{bcpu}', current '{ccpu}'"
                          + ("" if normalize else "; consider --normalize"))

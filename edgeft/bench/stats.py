@@ -72,14 +72,28 @@ def summarize(samples: Sequence[float] | np.ndarray) -> dict:
 
 
 def _boot_medians(a: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    # Chunked so memory stays bounded for large samples (n_boot x n int64 indices).
-    out = np.empty(n_boot)
-    chunk = max(1, 4_000_000 // max(a.size, 1))
-    for start in range(0, n_boot, chunk):
-        k = min(chunk, n_boot - start)
-        idx = rng.integers(0, a.size, size=(k, a.size))
-        out[start:start + k] = np.median(a[idx], axis=1)
-    return out
+    """Medians of ``n_boot`` bootstrap resamples of ``a``, drawn exactly without building the resamples.
+
+    A resample is ``sorted(a)[ceil(n U_i) - 1]`` for n uniforms ``U_i``; the mapping is monotone, so its k-th
+    smallest value is ``sorted(a)[ceil(n U_(k)) - 1]``, with ``U_(k) ~ Beta(k, n + 1 - k)``; the next order
+    statistic is ``U_(k) + (1 - U_(k)) Beta(1, n - k)``. One sort, then O(n_boot): the same distribution as
+    resampling, in milliseconds for a million samples (resampling took minutes).
+    """
+    s = np.sort(a)
+    n = s.size
+    if n == 1:
+        return np.full(n_boot, float(s[0]))
+
+    def at(u: np.ndarray) -> np.ndarray:
+        return s[np.clip(np.ceil(u * n).astype(np.int64) - 1, 0, n - 1)]
+
+    if n % 2:
+        m = (n + 1) // 2
+        return at(rng.beta(m, n + 1 - m, n_boot))
+    k = n // 2
+    u1 = rng.beta(k, n + 1 - k, n_boot)
+    u2 = u1 + (1.0 - u1) * rng.beta(1, n - k, n_boot)
+    return (at(u1) + at(u2)) / 2.0
 
 
 def bootstrap_ratio_ci(base: Sequence[float], current: Sequence[float], *,

@@ -84,8 +84,12 @@ def warm_up(fn: Callable[[], object], plan: TimingPlan) -> tuple[int, float, boo
 
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], plan: TimingPlan,
-                        on_round: Callable[[int, dict[str, int]], None] | None = None) -> dict[str, Timing]:
-    """Warm up each callable, then time them all round by round (see the module docstring)."""
+                        on_round: Callable[[int, dict[str, int]], None] | None = None,
+                        stop: Callable[[dict[str, Timing]], bool] | None = None) -> dict[str, Timing]:
+    """Warm up each callable, then time them all round by round (see the module docstring).
+
+    ``stop``, when given, is asked after every round (with the timings so far) and ends the measurement
+    when it returns True (a sequential test deciding as it goes: ``edgeft.ab_gate``)."""
     timings: dict[str, Timing] = {}
     names = list(fns)
     if not names:
@@ -113,6 +117,8 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], plan: TimingPlan,
             counts = {n: len(timings[n].samples_ms) for n in names}
             if on_round is not None:
                 on_round(rnd, counts)
+            if stop is not None and stop(timings):
+                break
             elapsed = time.perf_counter() - t_start
             least = min(counts.values())
             if least >= plan.target_samples and least >= plan.min_samples:

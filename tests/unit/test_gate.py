@@ -12,8 +12,9 @@ MODELS = {"finetuned": ("torch-cpu", "fp32", 30.0), "onnx_int8": ("ort-cpu", "in
 
 
 def make_report(path, *, seed=0, scale=None, sigma=0.03, n=600, accuracy=None, models=MODELS,
-                schema="edgeft.bench/1", eval_sha="abc", threads=2, cpu="cpu-A", seqs=(128,)):
-    """A bench.json with lognormal samples; ``scale`` multiplies a model's latency."""
+                schema="edgeft.bench/1", eval_sha="abc", threads=2, cpu="cpu-A", seqs=(128,), files=None):
+    """A bench.json with lognormal samples; ``scale`` multiplies a model's latency; ``files`` gives a model's
+    {file: sha256} (default: the same for every report)."""
     rng = np.random.default_rng(seed)
     scale = scale or {}
     accuracy = accuracy or {}
@@ -26,7 +27,10 @@ def make_report(path, *, seed=0, scale=None, sigma=0.03, n=600, accuracy=None, m
                             "accuracy": accuracy.get(name, 0.85)})
         results.append({"key": f"{name}/torch-cuda/fp16/b1/s128", "model": name, "runtime": "torch-cuda",
                         "precision": "fp16", "batch": 1, "seq": 128, "status": "skipped", "reason": "no GPU"})
+    files = files or {}
     report = {"schema": schema, "environment": {"threads": {"intra_op": threads}, "cpu": {"model": cpu}},
+              "models": [{"name": name, "files": files.get(name, {"model.onnx": "0" * 63 + str(i)})}
+                         for i, name in enumerate(models)],
               "reference": {"model": "finetuned", "runtime": "torch-cpu", "precision": "fp32"},
               "eval": {"dataset": "rt", "split": "test", "n": 100, "sha256": eval_sha}, "results": results}
     path.write_text(json.dumps(report))
@@ -83,9 +87,36 @@ def test_noise_the_ci_resolves_does_not_block(tmp_path):
     assert res.verdict == "regression"
 
 
-def test_ci_wider_than_threshold_is_inconclusive(tmp_path):
+def test_ci_holding_the_threshold_is_inconclusive_and_says_what_is_needed(tmp_path):
+    res = run(tmp_path, cur_kw={"sigma": 0.15, "n": 40, "scale": {"onnx_int8": 1.12}},
+              base_kw={"sigma": 0.15, "n": 40})
+    assert res.verdict == "inconclusive" and res.exit_code == 1, res.render()
+    (inc,) = [c for c in res.comparisons if c.verdict == "inconclusive"]
+    assert inc.key.startswith("onnx_int8") and "holds the +10% threshold" in inc.detail
+    assert inc.needed["samples_per_side"] > 40 and inc.needed["seconds"] > 0
+    assert f"about {inc.needed['samples_per_side']} samples per side" in res.render()
+    assert res.to_dict()["comparisons"][1]["needed"] == inc.needed
+
+
+def test_a_ci_wider_than_the_threshold_but_wholly_below_it_passes(tmp_path):
     res = run(tmp_path, cur_kw={"sigma": 0.15, "n": 40}, base_kw={"sigma": 0.15, "n": 40})
-    assert res.verdict == "inconclusive" and "too noisy to resolve" in res.render()
+    assert all(c.ci[1] < 0.10 for c in res.comparisons if c.metric == "latency"), res.render()
+    assert res.verdict == "pass"
+
+
+def test_whole_ci_beyond_the_threshold_is_a_regression_whatever_the_cv(tmp_path):
+    # probe: a 1-thread run, +61% (CI +55..+72%) with robust CV 36%, came out INCONCLUSIVE
+    res = run(tmp_path, cur_kw={"sigma": 0.4, "n": 3000, "scale": {"finetuned": 1.6, "onnx_int8": 1.6}})
+    assert res.verdict == "regression" and res.exit_code == 1, res.render()
+    for c in res.comparisons:
+        if c.metric == "latency":
+            assert c.verdict == "regression" and c.ci[0] > 0.10 and "unstable" in c.detail
+
+
+def test_unstable_within_threshold_stays_inconclusive_with_advice(tmp_path):
+    res = run(tmp_path, cur_kw={"sigma": 0.4, "n": 600, "scale": {"onnx_int8": 1.1}})
+    (inc,) = [c for c in res.comparisons if c.key.startswith("onnx_int8") and c.metric == "latency"]
+    assert inc.verdict == "inconclusive" and "quieter machine" in inc.detail
 
 
 def test_big_noisy_shift_with_few_samples_is_not_a_pass(tmp_path):
@@ -174,3 +205,126 @@ def test_parse_fraction(text, value):
 def test_parse_fraction_rejects(text):
     with pytest.raises(EdgeftError):
         parse_fraction(text)
+
+
+# ---------------------------------------------------------------- probe: NaN, booleans, malformed reports
+
+
+def test_nan_accuracy_is_bad_input_not_a_pass(tmp_path):
+    base = make_report(tmp_path / "base.json")
+    cur = make_report(tmp_path / "cur.json", seed=1, accuracy={"onnx_int8": float("nan")})
+    assert "NaN" in cur.read_text()
+    with pytest.raises(EdgeftError) as e:
+        gate(cur, base, max_latency_regression=0.1, max_accuracy_drop=0.5, normalize=False)
+    assert e.value.exit_code == 2 and "accuracy nan is not a number in [0, 1]" in e.value.one_line()
+
+
+@pytest.mark.parametrize("drop", [float("nan"), float("inf"), -1.0])
+def test_max_accuracy_drop_must_be_a_finite_number(tmp_path, drop):
+    with pytest.raises(EdgeftError, match="max-accuracy-drop"):
+        run(tmp_path, cur_kw={"accuracy": {"onnx_int8": 0.32}}, max_accuracy_drop=drop)  # a 53-point drop
+
+
+def test_cli_max_accuracy_drop_nan_is_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from edgeft.cli import cli
+
+    base = make_report(tmp_path / "base.json")
+    cur = make_report(tmp_path / "cur.json", seed=1, accuracy={"onnx_int8": 0.32})
+    r = CliRunner().invoke(cli, ["gate", str(cur), "--baseline", str(base), "--max-accuracy-drop", "nan"])
+    assert r.exit_code == 2 and "max-accuracy-drop nan" in r.output
+
+
+def test_boolean_samples_are_not_milliseconds(tmp_path):
+    base = make_report(tmp_path / "base.json")
+    data = json.loads(base.read_text())
+    data["results"][0]["samples_ms"] = [True] * 600
+    bad = tmp_path / "bool.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(EdgeftError, match="not a number \\(bool\\)"):
+        gate(bad, base, max_latency_regression=0.1, max_accuracy_drop=0.5, normalize=False)
+
+
+def _mutate(report: dict, how: str) -> dict:
+    r0 = report["results"][0]
+    if how == "string samples":
+        r0["samples_ms"] = ["1.0"] * 50
+    elif how == "result not a dict":
+        report["results"][1] = 7
+    elif how == "key is a list":
+        r0["key"] = ["a", ["b"]]
+    elif how == "batch is a string":
+        r0["batch"] = "1"
+    elif how == "accuracy is a dict":
+        r0["accuracy"] = {"x": 1}
+    elif how == "environment is a list":
+        report["environment"] = [1, 2]
+    elif how == "threads is a string":
+        report["environment"]["threads"] = "two"
+    elif how == "models garbage":
+        report["models"] = [{"name": ["x"], "files": 3}]
+    elif how == "reference garbage":
+        report["reference"] = {"model": 1}
+    elif how == "duplicate key":
+        report["results"].append(dict(r0))
+    elif how == "nested samples":
+        r0["samples_ms"] = [[1.0, 2.0]] * 30
+    elif how == "deep nesting":
+        return "[" * 100000 + "]" * 100000
+    return report
+
+
+@pytest.mark.parametrize("how", ["string samples", "result not a dict", "key is a list", "batch is a string",
+                                 "accuracy is a dict", "environment is a list", "threads is a string",
+                                 "models garbage", "reference garbage", "duplicate key", "nested samples",
+                                 "deep nesting"])
+def test_malformed_reports_are_one_line_and_exit_2(tmp_path, how):
+    from click.testing import CliRunner
+
+    from edgeft.cli import cli
+
+    base = make_report(tmp_path / "base.json")
+    data = _mutate(json.loads(make_report(tmp_path / "cur.json", seed=1).read_text()), how)
+    cur = tmp_path / "bad.json"
+    cur.write_text(data if isinstance(data, str) else json.dumps(data))
+    for args in (["gate", str(cur), "--baseline", str(base)], ["gate", str(base), "--baseline", str(cur)]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2, (how, r.output)
+        assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, r.output
+        assert str(cur) in r.output
+
+
+# ---------------------------------------------------------------- probe: model identity
+
+
+def test_a_different_checkpoint_under_the_same_name_is_flagged(tmp_path):
+    res = run(tmp_path, cur_kw={"files": {"onnx_int8": {"model.onnx": "f" * 64}}})
+    assert res.models["onnx_int8"]["same"] is False and res.models["finetuned"]["same"] is True
+    assert "DIFFERENT checkpoint under the same name: onnx_int8" in res.render()
+    assert res.to_dict()["models"]["onnx_int8"]["same"] is False
+    same = run(tmp_path)
+    assert "DIFFERENT" not in same.render() and all(m["same"] for m in same.models.values())
+
+
+def test_expect_same_model_refuses_a_different_checkpoint(tmp_path):
+    with pytest.raises(EdgeftError) as e:
+        run(tmp_path, cur_kw={"files": {"onnx_int8": {"model.onnx": "f" * 64}}}, expect_same_model=True)
+    assert e.value.exit_code == 2 and "onnx_int8" in e.value.one_line() and "sha256 differ" in e.value.one_line()
+    assert run(tmp_path, expect_same_model=True).exit_code == 0
+
+
+# ---------------------------------------------------------------- probe: a 43 MB report took minutes
+
+
+def test_a_large_report_gates_in_seconds(tmp_path):
+    import time
+
+    # 4 keys x 250k samples a side: ~20 MB of JSON; resampling for the bootstrap took minutes
+    base = make_report(tmp_path / "base.json", n=250_000, seqs=(128, 32))
+    cur = make_report(tmp_path / "cur.json", seed=1, n=250_000, seqs=(128, 32), scale={"onnx_int8": 1.2})
+    assert base.stat().st_size > 8e6
+    t0 = time.perf_counter()
+    res = gate(cur, base, max_latency_regression=0.1, max_accuracy_drop=0.5, normalize=False)
+    assert time.perf_counter() - t0 < 20
+    assert res.verdict == "regression" and res.count("regression") == 2

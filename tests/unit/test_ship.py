@@ -397,7 +397,9 @@ def _fake_measure(scale: float, noise: float = 0.01):
 
 
 @pytest.mark.parametrize("scale, noise, code, verdict", [
-    (1.0, 0.01, 0, "ok"), (1.6, 0.01, 1, "regression"), (1.6, 0.6, 1, "inconclusive")])
+    (1.0, 0.01, 0, "ok"), (1.6, 0.01, 1, "regression"),
+    (1.6, 0.6, 1, "regression"),  # the whole CI beyond the threshold: a regression whatever the CV (issue 8)
+    (1.25, 0.6, 1, "inconclusive")])
 def test_verify_latency_verdicts_use_the_gate_rule(bundle, tmp_path, monkeypatch, scale, noise, code, verdict):
     import edgeft.bundle_checks as bc
 
