@@ -6,6 +6,7 @@ commands, so ``edgeft --help`` is instant.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,38 +14,57 @@ from pathlib import Path
 import click
 
 from edgeft import __version__
-from edgeft.errors import EdgeftError
+from edgeft.errors import EdgeftError, from_os_error, printable
 
 SET_HELP = "Override a recipe field, e.g. --set finetune.epochs=1 (repeatable)."
 
 
 def _fail(err: EdgeftError) -> None:
-    click.echo(f"error: {err.one_line()}", err=True)
+    click.echo(f"error: {err.one_line()}", err=True)  # one_line() escapes control characters
     sys.exit(err.exit_code)
 
 
+def _refuse_linked_out(kwargs: dict) -> None:
+    """An --out that is a symbolic link is refused: edgeft never writes, replaces or deletes through one."""
+    out = kwargs.get("out")
+    if out and os.path.islink(str(out).rstrip("/") or str(out)):
+        raise EdgeftError(f"--out {out} is a symbolic link; edgeft never writes or deletes through links"
+                          + (", even with --force" if kwargs.get("force") else ""),
+                          "pass the real folder path, or another --out")
+
+
 def _guard(fn):
-    """Turn edgeft errors into one line + exit code; never a traceback for bad input."""
+    """Turn edgeft errors into one line + exit code; never a traceback for bad input.
+
+    Exit codes: 0 ok, 1 goal missed / regression / failed check, 2 bad input or the machine's
+    environment (disk full, permission denied, name too long: OSErrors mapped here), 3 an edgeft
+    bug (internal error), 130 / 143 interrupted (SIGINT / SIGTERM).
+    """
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _refuse_linked_out(kwargs)
             return fn(*args, **kwargs)
         except EdgeftError as e:
             _fail(e)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing half-written was left (partial outputs are removed)", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see _install_signal_handlers): 130 / 143
+            click.echo(f"interrupted ({getattr(e, 'signal_name', 'SIGINT')}): nothing half-written was left "
+                       "(partial outputs are removed; a run folder's manifest records the interruption)", err=True)
+            sys.exit(getattr(e, "exit_code", 130))
         except MemoryError:
             click.echo("error: out of memory (fix: lower the batch size or max_length)", err=True)
             sys.exit(2)
         except Exception as e:  # an edgeft bug, not bad input: keep it to one line unless debugging
+            env = from_os_error(e, kwargs.get("out") or kwargs.get("json_out"))
+            if env is not None:  # the user's disk or permissions, not a bug
+                _fail(env)
             if os.environ.get("EDGEFT_DEBUG"):
                 raise
             msg = " ".join(str(e).split())[:300]
-            click.echo(f"internal error: {type(e).__name__}: {msg} (set EDGEFT_DEBUG=1 for a traceback, "
-                       "and please report it)", err=True)
+            click.echo(printable(f"internal error: {type(e).__name__}: {msg} (set EDGEFT_DEBUG=1 for a traceback, "
+                                 "and please report it)"), err=True)
             sys.exit(3)
 
     return wrapper
@@ -75,7 +95,7 @@ def cli() -> None:
       edgeft finetune RECIPE --out runs/a                 one stage at a time
       edgeft compress runs/a
       edgeft bench runs/a
-      edgeft gate runs/a/bench.json --baseline bench/baselines/ci.json
+      edgeft gate --baseline-model old/bundle --candidate runs/a
     """
 
 
@@ -96,7 +116,7 @@ def finetune(recipe, overrides, out, force, quiet):
 
     r = _recipe(recipe, overrides)
     run_dir = finetune_stage(r, out or default_run_dir(r), force=force, show_progress=not quiet)
-    click.echo(str(run_dir))
+    click.echo(printable(run_dir))
 
 
 @cli.command()
@@ -114,14 +134,68 @@ def compress(model, recipe, overrides, allow_miss, out, force, quiet):
 
     Each step is validated against the model before it; the report goes to RUN_DIR/compress/report.json.
     """
-    from edgeft.artifacts import is_run_dir
+    from edgeft.layout import RunLayout
     from edgeft.pipeline import compress_stage
 
-    if recipe is None and is_run_dir(model) and (Path(model) / "recipe.yaml").is_file():
-        recipe = str(Path(model) / "recipe.yaml")
+    source = RunLayout(Path(model))
+    if recipe is None and source.is_run() and source.recipe.is_file():
+        recipe = str(source.recipe)
+    from edgeft.errors import GoalMissed
+
     r = _recipe(recipe, overrides, ["compress.allow_miss=true"] if allow_miss else None)
-    run_dir = compress_stage(model, r, out, force=force, show_progress=not quiet)
-    click.echo(str(run_dir))
+    try:
+        run_dir = compress_stage(model, r, out, force=force, show_progress=not quiet)
+    except GoalMissed as e:  # the report is complete: show it, then the one-line verdict
+        if not quiet and isinstance(getattr(e, "report", None), dict):
+            _print_compress_summary(e.report)
+        raise
+    if not quiet:
+        _print_compress_summary(_read_compress_report(Path(run_dir)))
+    click.echo(printable(run_dir))
+
+
+def _read_compress_report(run_dir: Path) -> dict | None:
+    import json
+
+    path = run_dir / "compress" / "report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def _print_compress_summary(report: dict | None) -> None:
+    """The compress report as a table on stderr (steps, accuracy, agreement, size), then the verdict."""
+    if not report:
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    from edgeft.progress import console
+
+    t = Table(title="compress", show_lines=False)
+    for col in ("step", "val acc", "test acc", "drop (pts)", "agree", "max |diff|", "MB", "params"):
+        t.add_column(col, justify="right" if col != "step" else "left")
+    for s in report.get("steps", []):
+        agree = s.get("agreement_vs_parent", {}).get("validation")
+        diff = s.get("max_abs_logit_diff_vs_parent")
+        t.add_row(printable(s["step"]), f"{s['validation']['accuracy']:.4f}", f"{s['test']['accuracy']:.4f}",
+                  f"{s.get('accuracy_drop_points', 0.0):.2f}", f"{agree:.4f}" if agree is not None else "",
+                  f"{diff:.1e}" if diff is not None and s["step"] in ("export", "optimize") else "",
+                  f"{s['size_mb']:.1f}", f"{s['params'] / 1e6:.2f}M")
+    console.print(t)
+    q = next((s for s in report.get("steps", []) if s.get("step") == "quantize"), None)
+    if q is not None:
+        flags = ", ".join(q["cpu_int8"].get("flags") or []) or "none"
+        choice = q.get("scheme_choice") or {}
+        tried = ", ".join(f"{c['scheme']} {c['validation_accuracy']:.4f}" for c in choice.get("candidates", []))
+        console.print(printable(f"int8 on {q['cpu_int8'].get('model')} (flags: {flags}); scheme "
+                                f"{q.get('scheme', 'u8s8')}{' (tried ' + tried + ')' if len(choice.get('candidates', [])) > 1 else ''}"
+                                f"; fp32 nodes kept: {', '.join(q['fp32_nodes']) or 'none'}"), highlight=False)
+    style = "green" if report.get("goal_met") else "bold red"
+    console.print(f"[{style}]{escape(printable(report.get('verdict', '')))}[/]; final: "
+                  f"{escape(printable(report.get('final', '')))}", highlight=False)
 
 
 def _csv_ints(text: str | None, name: str) -> list[int] | None:
@@ -152,10 +226,7 @@ def bench(models, recipe, overrides, runtimes, batch, seq, threads, data, out, f
 
     MODELS are run folders, Hugging Face folders or .onnx files. Writes bench.json, bench.md and bench.png.
     """
-    import time
-
-    from edgeft.artifacts import is_run_dir
-    from edgeft.bench import bench_paths
+    from edgeft.layout import RunLayout
 
     extra = []
     if runtimes:
@@ -164,45 +235,94 @@ def bench(models, recipe, overrides, runtimes, batch, seq, threads, data, out, f
         extra.append(f"bench.batch_sizes={_csv_ints(batch, 'batch')}")
     if seq:
         extra.append(f"bench.seq_lengths={_csv_ints(seq, 'seq')}")
-    if threads:
+    if threads is not None:  # 0 is validated (bench.threads must be > 0), not ignored
         extra.append(f"bench.threads={threads}")
     if data:
-        name, _, split = data.rpartition(":") if ":" in data else (data, "", "")
-        extra.append(f"data.dataset={name}")
+        # DATASET[:SPLIT]: split off the last ':' only when it names a split, so hf:NAME stays whole.
+        name, sep, split = data.rpartition(":")
+        if not sep or split not in ("train", "validation", "test"):
+            name, split = data, ""
+        extra.append(f"data.dataset={json.dumps(name)}")  # quoted: the value is read as YAML
         if split:
             extra.append(f"bench.eval_split={split}")
-    if recipe is None and is_run_dir(models[0]) and (Path(models[0]) / "recipe.yaml").is_file():
-        recipe = str(Path(models[0]) / "recipe.yaml")
+    first = RunLayout(Path(models[0]))
+    if recipe is None and first.is_run() and first.recipe.is_file():
+        recipe = str(first.recipe)
     r = _recipe(recipe, overrides, extra)
-    from edgeft.data import load_dataset
+    from edgeft.pipeline import bench_stage
 
-    dataset = load_dataset(r.data, seed=r.seed)
-    if out is None:
-        out = models[0] if is_run_dir(models[0]) else f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = Path(out)
-    if (out / "bench.json").exists() and not force:
-        raise EdgeftError(f"{out / 'bench.json'} already exists", "pass --force to replace it, or --out NEW_FOLDER")
-    report = bench_paths([Path(m) for m in models], r.bench, dataset, out, show_progress=not quiet)
-    click.echo(str(out / "bench.json") if isinstance(report, dict) else str(out))
+    click.echo(printable(bench_stage(list(models), r, out, force=force, show_progress=not quiet)))
 
 
 @cli.command()
-@click.argument("current", type=click.Path())
-@click.option("--baseline", required=True, type=click.Path(), help="Stored bench.json to compare against.")
+@click.argument("current", required=False, type=click.Path())
+@click.option("--baseline", default=None, type=click.Path(), help="Stored bench.json to compare CURRENT against.")
+@click.option("--baseline-model", default=None, type=click.Path(),
+              help="A/B mode: the old model (run folder, bundle, HF folder or .onnx), timed interleaved with --candidate.")
+@click.option("--candidate", default=None, type=click.Path(), help="A/B mode: the new model (same kinds as --baseline-model).")
 @click.option("--max-latency-regression", default="10%", show_default=True,
               help="Allowed latency increase, e.g. 10% or 0.1.")
 @click.option("--max-accuracy-drop", default=0.5, show_default=True, type=float, help="Allowed accuracy drop, in points.")
 @click.option("--normalize/--no-normalize", default=False,
-              help="Compare latencies as ratios to the in-run reference model (baseline from another machine).")
+              help="Stored mode: compare latencies as ratios to the in-run reference model (baseline from another machine).")
+@click.option("--expect-same-model", is_flag=True,
+              help="Stored mode: refuse (exit 2) when a model's files differ from the baseline's (another checkpoint).")
+@click.option("--budget-seconds", type=float, default=None,
+              help="A/B mode: seconds of warm-up + timing before giving up as INCONCLUSIVE (default 30).")
+@click.option("--threads", type=int, default=None, help="A/B mode: intra-op threads for both models (default: usable cores).")
+@click.option("--baseline-threads", type=int, default=None, help="A/B mode: intra-op threads for the baseline only.")
+@click.option("--candidate-threads", type=int, default=None, help="A/B mode: intra-op threads for the candidate only.")
+@click.option("--batch", type=int, default=None, help="A/B mode: batch size timed (default 1).")
+@click.option("--seq", type=int, default=None, help="A/B mode: tokens per row timed (default 128, capped by the models).")
+@click.option("--variant", default=None, help="A/B mode: variant of a run folder (default: the one 'edgeft ship' picks).")
+@click.option("--min-rounds", type=int, default=None, help="A/B mode: rounds before the first decision (default 20).")
+@click.option("--data", default=None, help="A/B mode: DATASET[:SPLIT] to compare accuracy on (optional).")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the verdict as JSON.")
 @_guard
-def gate(current, baseline, max_latency_regression, max_accuracy_drop, normalize, json_out):
-    """Compare CURRENT bench.json against a baseline: exit 0 pass, 1 regression, 2 bad input."""
-    from edgeft.gate import gate as run_gate
+def gate(current, baseline, baseline_model, candidate, max_latency_regression, max_accuracy_drop, normalize,
+         expect_same_model, budget_seconds, threads, baseline_threads, candidate_threads, batch, seq, variant,
+         min_rounds, data, json_out):
+    """Latency/accuracy gate: exit 0 pass, 1 regression (or inconclusive), 2 bad input.
+
+    \b
+    A/B (recommended in CI): edgeft gate --baseline-model OLD --candidate NEW
+      times both interleaved in one process and decides on the paired ratio.
+    Stored baseline:         edgeft gate CURRENT.json --baseline BASE.json
+    """
     from edgeft.gate import parse_fraction
 
-    result = run_gate(Path(current), Path(baseline), max_latency_regression=parse_fraction(max_latency_regression),
-                      max_accuracy_drop=max_accuracy_drop, normalize=normalize)
+    threshold = parse_fraction(max_latency_regression)
+    ab_only = {"--budget-seconds": budget_seconds, "--threads": threads, "--baseline-threads": baseline_threads,
+               "--candidate-threads": candidate_threads, "--variant": variant, "--min-rounds": min_rounds,
+               "--data": data, "--batch": batch, "--seq": seq}
+    if baseline_model is not None or candidate is not None:
+        if baseline_model is None or candidate is None:
+            raise EdgeftError("A/B mode needs both --baseline-model and --candidate",
+                              "edgeft gate --baseline-model OLD --candidate NEW")
+        if current is not None or baseline is not None or normalize or expect_same_model:
+            raise EdgeftError("CURRENT/--baseline/--normalize/--expect-same-model belong to the stored-baseline mode",
+                              "use either --baseline-model OLD --candidate NEW, or CURRENT.json --baseline BASE.json")
+        from edgeft.ab_gate import DEFAULT_BUDGET_S, DEFAULT_MIN_ROUNDS, ABConfig, ab_gate
+
+        cfg = ABConfig(baseline=Path(baseline_model), candidate=Path(candidate), max_latency_regression=threshold,
+                       budget_s=DEFAULT_BUDGET_S if budget_seconds is None else budget_seconds, threads=threads,
+                       baseline_threads=baseline_threads, candidate_threads=candidate_threads, batch=1 if batch is None else batch,
+                       seq=128 if seq is None else seq,
+                       variant=variant, min_rounds=DEFAULT_MIN_ROUNDS if min_rounds is None else min_rounds,
+                       data=data, max_accuracy_drop=max_accuracy_drop, show_progress=False)
+        result = ab_gate(cfg)
+    else:
+        if current is None or baseline is None:
+            raise EdgeftError("nothing to gate", "edgeft gate --baseline-model OLD --candidate NEW, "
+                                                 "or edgeft gate CURRENT.json --baseline BASE.json")
+        given = [k for k, v in ab_only.items() if v is not None]
+        if given:
+            raise EdgeftError(f"{', '.join(given)} belong to the A/B mode", "use --baseline-model OLD --candidate NEW")
+        from edgeft.gate import gate as run_gate
+
+        result = run_gate(Path(current), Path(baseline), max_latency_regression=threshold,
+                          max_accuracy_drop=max_accuracy_drop, normalize=normalize,
+                          expect_same_model=expect_same_model)
     click.echo(result.render())
     if json_out:
         from edgeft.artifacts import write_json_atomic
@@ -222,11 +342,20 @@ def run_cmd(recipe, overrides, out, force, quiet):
     """Run every stage the recipe names (finetune, compress, bench), in order, into one run folder."""
     from edgeft.pipeline import default_run_dir, run
 
+    from edgeft.errors import GoalMissed
+
     r = _recipe(recipe, overrides)
-    run_dir = run(r, out or default_run_dir(r), force=force, show_progress=not quiet)
-    click.echo(str(run_dir))
+    try:
+        run_dir = run(r, out or default_run_dir(r), force=force, show_progress=not quiet)
+    except GoalMissed as e:
+        if not quiet and isinstance(getattr(e, "report", None), dict):
+            _print_compress_summary(e.report)
+        raise
+    if not quiet and "compress" in r.stages:
+        _print_compress_summary(_read_compress_report(Path(run_dir)))
+    click.echo(printable(run_dir))
     if not quiet:  # stderr: stdout stays the run folder alone (the Makefile reads it)
-        click.echo(f"next: edgeft ship {run_dir}   (a verified bundle to serve)", err=True)
+        click.echo(printable(f"next: edgeft ship {run_dir}   (a verified bundle to serve)"), err=True)
 
 
 @cli.command("recipe")
@@ -297,8 +426,8 @@ def keys_add(keyfile, key_id):
 
     kid, key = add_key(keyfile, key_id)
     click.echo(key)
-    click.echo(f"key id {kid} added to {keyfile}; the key above is not stored anywhere, keep it now "
-               "(running servers pick it up on SIGHUP)", err=True)
+    click.echo(printable(f"key id {kid} added to {keyfile}; the key above is not stored anywhere, keep it now "
+                         "(running servers pick it up on SIGHUP)"), err=True)
 
 
 @cli.command("ship")
@@ -328,7 +457,16 @@ def ship_cmd(run_dir, variant, out, name, version, allow_miss, golden, latency_s
         err = e.errors()[0]
         raise EdgeftError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}",
                           "names and versions use letters, digits, '.', '_' and '-'") from None
-    click.echo(ship(cfg).render())
+    import contextlib
+
+    from edgeft.artifacts import run_lock
+    from edgeft.layout import RunLayout
+
+    # ship reads the run folder and (by default) writes bundle/ into it: no other edgeft writer meanwhile
+    src = RunLayout(Path(run_dir))
+    with run_lock(src.root) if src.is_run() and not src.root.is_symlink() else contextlib.nullcontext():
+        result = ship(cfg)
+    click.echo(printable(result.render(), keep_newlines=True))
 
 
 @cli.command("verify")
@@ -342,7 +480,7 @@ def verify_cmd(bundle, skip_latency, latency_seconds, json_out):
     from edgeft.verify import verify
 
     result = verify(bundle, skip_latency=skip_latency, latency_seconds=latency_seconds)
-    click.echo(result.render())
+    click.echo(printable(result.render(), keep_newlines=True))
     if json_out:
         from edgeft.artifacts import write_json_atomic
 
@@ -350,7 +488,15 @@ def verify_cmd(bundle, skip_latency, latency_seconds, json_out):
     sys.exit(result.exit_code)
 
 
+def _install_signal_handlers() -> None:
+    """SIGTERM (CI cancellation, `timeout`) is handled like Ctrl-C: cleanup runs, exit 143."""
+    from edgeft.signals import install
+
+    install()
+
+
 def main() -> None:
+    _install_signal_handlers()
     cli(prog_name="edgeft")
 
 

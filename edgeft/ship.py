@@ -224,15 +224,18 @@ def _copy_onnx(src: Path, dst: Path) -> None:
     """model/model.onnx as one self-contained file; external data (inside model/) only past protobuf's 2 GB."""
     import onnx
 
-    from edgeft.safeio import check_onnx_external_data
+    from edgeft.safeio import check_onnx_external_data, onnx_tensors
 
     check_onnx_external_data(src)
     head = onnx.load(str(src), load_external_data=False)
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in head.graph.initializer)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for _, t in onnx_tensors(head))
     if not external:
         shutil.copyfile(src, dst)
         return
     model = onnx.load(str(src))
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for _, t in onnx_tensors(model)):  # onnx skips sparse ones
+        raise EdgeftError(f"{src} keeps sparse tensors in external data, which onnx cannot inline into the bundle",
+                          "save the model with its sparse tensors inside the .onnx file")
     if model.ByteSize() < 2_000_000_000 - 10_000_000:
         onnx.save(model, str(dst))
     else:
@@ -468,10 +471,9 @@ def model_card_part(ctx: ShipContext) -> None:
     m = ctx.manifest
     acc, data, lc = m["accuracy"], m["data"], m["latency_check"]
     labels, v = m["labels"], m["variant"]
-    meta = {}
-    meta_path = ctx.variant.onnx.parent / "edgeft.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    from edgeft.layout import read_side_file
+
+    meta = read_side_file(ctx.variant.onnx.parent)
     base = meta.get("base_model") or ctx.recipe.model.name
     language = {"minilm-l6": "English"}.get(str(base), f"those of the base model {base}")
     steps = [s.get("step") for s in ctx.report.get("steps", [])]
@@ -592,27 +594,29 @@ def _check_out(out: Path, tarball: Path, force: bool) -> None:
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None, Any, dict[str, Any]]:
     """(compress report, bench.json or None, recipe, run manifest or {}); one-line errors for a run not ready."""
+    from edgeft.layout import RunLayout
     from edgeft.recipe import load_recipe
 
+    layout = RunLayout(run_dir)
     if not run_dir.is_dir():
         raise EdgeftError(f"run folder {run_dir} not found", "pass a folder written by 'edgeft run' or 'edgeft compress'")
-    if not (run_dir / "compress").is_dir():
+    if not layout.compress.is_dir():
         raise EdgeftError(f"{run_dir} has no compress/ folder", f"run 'edgeft compress {run_dir}' first")
-    report = _read_json(run_dir / "compress" / "report.json", "the compress report",
+    report = _read_json(layout.compress_report, "the compress report",
                         f"the compress stage did not finish: run 'edgeft compress {run_dir} --force'")
     if report.get("schema") != "edgeft.compress/1":
         raise EdgeftError(f"{run_dir}/compress/report.json has schema {report.get('schema')!r}; this edgeft reads "
                           "'edgeft.compress/1'", "re-run 'edgeft compress' with this edgeft")
     bench = None
-    if (run_dir / "bench.json").is_file():
-        bench = _read_json(run_dir / "bench.json", "a bench report", "re-run 'edgeft bench' or delete bench.json")
-    if not (run_dir / "recipe.yaml").is_file():
+    if layout.bench_json.is_file():
+        bench = _read_json(layout.bench_json, "a bench report", "re-run 'edgeft bench' or delete bench.json")
+    if not layout.recipe.is_file():
         raise EdgeftError(f"{run_dir} has no recipe.yaml (the golden examples come from its dataset)",
                           "ship a run folder written by 'edgeft run' or 'edgeft compress'")
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = load_recipe(layout.recipe)
     run_manifest = {}
-    if (run_dir / "manifest.json").is_file():
-        run_manifest = _read_json(run_dir / "manifest.json", "a run manifest", "re-run the stage that wrote it")
+    if layout.manifest.is_file():
+        run_manifest = _read_json(layout.manifest, "a run manifest", "re-run the stage that wrote it")
     return report, bench, recipe, run_manifest
 
 
@@ -656,7 +660,7 @@ def ship(cfg: ShipConfig, *, extra_parts: Sequence[Part] = ()) -> ShipResult:
         for part in (*DEFAULT_PARTS, *extra_parts):
             part(ctx)
         manifest["source"].pop("run_data", None)
-        manifest["ship_seconds"] = round(time.time() - t0, 1)
+        manifest["ship_s"] = round(time.time() - t0, 1)
         files = [p for p in sorted(stage.rglob("*")) if p.is_file()]
         manifest["files"] = {p.relative_to(stage).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                              for p in files}
