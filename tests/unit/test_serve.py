@@ -347,8 +347,11 @@ def test_body_longer_than_content_length(server, keyfile, client, reference):
     head = (f"POST {INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {keyfile[1]}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     out = raw(server, head + body + b"GARBAGE AFTER THE BODY\r\n\r\n", timeout=3)
-    assert out.startswith(b"HTTP/1.1 200")  # the declared body is answered; the rest is a bad next request
-    assert b"HTTP/1.1 400" in out[20:]
+    # The bytes after the declared body are a malformed next request on the same connection. httptools
+    # (the default parser) rejects the connection's stream with 400 and closes it; h11 answers the
+    # declared body first, then 400. Either way: never a 5xx, and the server keeps serving.
+    first_ok = out.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 400" in out[20:]
+    assert first_ok or (out.startswith(b"HTTP/1.1 400") and b"connection: close" in out.lower()), out[:200]
     assert_good(client, reference)
 
 
@@ -479,7 +482,7 @@ def test_refuses_public_bind_without_keys(bundle):
 
 @pytest.fixture(scope="module")
 def slow_server(bundle, tmp_path_factory):
-    """No keys; the worker waits up to 2 s for batch-mates, so requests stay queued long enough to act on."""
+    """No keys; the worker may wait up to 2 s for batch-mates on their way (see _hold)."""
     srv = Server(bundle, tmp_path_factory.mktemp("slow") / "slow.log", "--set", "max_queue_delay_ms=2000",
                  "--set", "warmup_batches=1")
     try:
@@ -495,18 +498,30 @@ def _wait_pending(client, n, timeout=10):
         time.sleep(0.02)
 
 
+def _hold(srv) -> socket.socket:
+    """An admitted request whose body never arrives: the worker waits for it as a batch-mate (up to
+    max_queue_delay_ms), which keeps the other requests queued long enough to act on."""
+    s = socket.create_connection(("127.0.0.1", srv.port))
+    s.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+    return s
+
+
 def test_client_that_leaves_while_queued_is_never_computed(slow_server, reference):
     c = httpx.Client(base_url=slow_server.url)
     batches = metric(c, "edgeft_batch_size_count")
     body = json.dumps(v2(["left before compute"])).encode()
+    holder = _hold(slow_server)
+    _wait_pending(c, 1)
     s = socket.create_connection(("127.0.0.1", slow_server.port))
     s.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-    _wait_pending(c, 1)
+    _wait_pending(c, 2)
     s.close()  # the client leaves while its request waits in the queue
-    _wait_pending(c, 0)
+    _wait_pending(c, 1)
     time.sleep(2.3)  # past the worker's batch-collection window
     assert metric(c, "edgeft_batch_size_count") == batches  # dropped before compute
     assert metric(c, "edgeft_requests_total", '{status="499"}') == 1
+    holder.close()
+    _wait_pending(c, 0)
     r = c.post(INFER, json=v2(TEXTS))
     assert r.status_code == 200 and metric(c, "edgeft_batch_size_count") == batches + 1
     np.testing.assert_allclose(logits_of(r), reference, atol=1e-4)
@@ -519,11 +534,13 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(slow_server, reference):
     def call():
         results.append(httpx.post(srv.url + INFER, json=v2(TEXTS[:1]), timeout=20))
 
+    holder = _hold(srv)
     threads = [threading.Thread(target=call) for _ in range(8)]
     for t in threads:
         t.start()
-    _wait_pending(httpx.Client(base_url=srv.url), 8)  # all 8 admitted and queued
+    _wait_pending(httpx.Client(base_url=srv.url), 9)  # all 8 admitted and queued (+ the holder)
     srv.signal(signal.SIGTERM)
+    holder.close()
     for t in threads:
         t.join(20)
     assert srv.proc.wait(20) == 0

@@ -81,6 +81,37 @@ def test_engine_batches_caps_and_drops_cancelled():
     assert sum(rows for rows, _ in batches) == 6
 
 
+def test_engine_waits_for_batch_mates_only_while_some_are_on_their_way():
+    runner = SlowRunner()
+    eng = _engine(runner, max_batch_size=8, max_queue_delay_ms=1500)
+    admitted = {"n": 1}
+    eng.admitted = lambda: admitted["n"]
+
+    async def one() -> float:
+        t0 = time.monotonic()
+        await eng.predict(["abc"], time.monotonic() + 30)
+        return time.monotonic() - t0
+
+    async def main():
+        alone = await one()  # every admitted request is in hand: no wait at all
+        admitted["n"] = 2  # one more admitted, still being received: wait for it, up to the delay
+        waited = await one()
+        admitted["n"] = 2
+        t_mate = asyncio.get_running_loop().call_later(0.3, lambda: asyncio.ensure_future(one()))
+        first = asyncio.ensure_future(one())
+        await asyncio.sleep(0.31)
+        await first
+        t_mate.cancel()
+        return alone, waited
+
+    try:
+        alone, waited = asyncio.run(main())
+    finally:
+        eng.stop()
+    assert alone < 0.75 < 1.4 < waited  # 1.5 s delay: spent in full only when a mate was announced
+    assert runner.runs[-1] == [3, 3]  # the announced mate joined the batch
+
+
 def test_engine_queue_full_and_deadline():
     runner = SlowRunner()
     eng = _engine(runner, max_batch_size=1, queue_capacity=1, max_queue_delay_ms=0)
