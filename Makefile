@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 EDGEFT := $(VENV)/bin/edgeft
 STAMP := $(VENV)/.edgeft-installed
 
-.PHONY: install demo test test-unit bench gate-check install-gpu clean
+.PHONY: install demo test test-unit bench gate-check serve-bench install-gpu clean
 
 install: $(STAMP)
 
@@ -37,9 +37,18 @@ test-unit: install
 bench: install
 	$(PY) bench/suite.py $(if $(RUN),--run $(RUN))
 
-# Gate demonstration: a baseline, 5 repeats (must pass), a 1-thread run (must fire).
+# A/B gate measurement on the demo run (made if RUN is not given): 10 identical gates (must exit 0), 10 with
+# the candidate at 1 thread vs 2 (must exit 1) -> bench/results/<stamp>-ab-gate-check.{json,md}.
+# REPEATS=1 for a quick check that it works.
 gate-check: install
-	$(PY) bench/gate_check.py $(if $(RUN),--run $(RUN))
+	$(PY) bench/gate_check.py $(if $(RUN),--run $(RUN)) $(if $(REPEATS),--repeats $(REPEATS))
+
+# Load test of `edgeft serve` vs batching off, the offline engine and FastAPI + pipeline / optimum, with
+# wrk (Debian) -> bench/results/<stamp>-serve.{json,md,png}. RUN=runs/<x> (default: the newest demo run).
+serve-bench: install
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) -m pip install -q -e ".[test,builtin,bench]"
+	$(PY) bench/serve_bench.py $(if $(RUN),--run $(RUN))
 
 # GPU servers: onnxruntime-gpu replaces onnxruntime (the two packages clash in one environment).
 install-gpu: install
