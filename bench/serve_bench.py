@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                         b1 = batch_counter(s.url)
                         r["mean_batch_rows"] = (b1[1] - b0[1]) / max(1.0, b1[0] - b0[0])
                     r.update(server=name, repeat=rep)
+                    if r["status"].get("200", 0) < 0.99 * r["requests"]:  # a broken server must not look fast
+                        raise SystemExit(f"serve-bench: {name} answered {r['status']} at c={c}; see {s.log_path}")
                     steps.append(r)
                     log(f"rep {rep} c{c:<3} {name:<17} {r['throughput_rps']:7.1f} req/s  p50 {r['p50_ms']:7.2f}  "
                         f"p99 {r['p99_ms']:7.2f} ms  status {r['status']}  errors {r['errors']}")
