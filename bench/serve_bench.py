@@ -260,6 +260,7 @@ def sigterm_under_load(srv: Proc, key: str, bodies: list[bytes], *, clients: int
     must all get an answer (200, or 503 once not ready); refused connections are not failures."""
     import http.client
 
+    log_lines_before = len(srv.log_path.read_text(errors="replace").splitlines())
     stop_at = time.monotonic() + seconds
     counts: dict[str, int] = {}
     lock = threading.Lock()
@@ -303,9 +304,26 @@ def sigterm_under_load(srv: Proc, key: str, bodies: list[bytes], *, clients: int
     exit_s = time.monotonic() - t_sig
     for t in ts:
         t.join()
-    failed = sum(v for k, v in counts.items() if k.startswith("failed") or k.startswith("5") and not k.startswith("503"))
-    return {"clients": clients, "counts": counts, "server_exit_code": rc, "exit_after_sigterm_s": exit_s,
-            "failed_accepted_requests": failed}
+    # What the server itself answered, from its access log (one JSON line per request it read).
+    served: dict[str, int] = {}
+    for line in srv.log_path.read_text(errors="replace").splitlines()[log_lines_before:]:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("route") == "/predict":
+            served[str(rec["status"])] = served.get(str(rec["status"]), 0) + 1
+    answered_by_client = sum(v for k, v in counts.items() if k[:3].isdigit())
+    answered_by_server = sum(v for k, v in served.items() if k in ("200", "503"))
+    resets = sum(v for k, v in counts.items() if k.startswith("failed"))
+    return {"clients": clients, "counts": counts, "server_access_log": served, "server_exit_code": rc,
+            "exit_after_sigterm_s": exit_s,
+            # A request the server read but did not answer (or answered with an error): the figure that must be 0.
+            "failed_accepted_requests": max(0, answered_by_server - answered_by_client)
+            + sum(v for k, v in served.items() if k not in ("200", "503", "401")),
+            # Connections the kernel accepted into the listen backlog after the server had stopped accepting:
+            # reset when the listening socket closed; the server never read them.
+            "reset_in_listen_backlog": resets}
 
 
 def triton_check(url: str, model: str, texts: list[str], want: list[str]) -> dict:
@@ -554,7 +572,9 @@ def render_md(r: dict) -> str:
               f"all 401: {r['auth']['all_401']}; batches before/after: {r['auth']['batches_before']:.0f} / "
               f"{r['auth']['batches_after']:.0f}; valid key: {r['auth']['valid_key_status']}",
               f"- SIGTERM under load ({r['sigterm']['clients']} clients, one request per connection): {r['sigterm']['counts']}; "
-              f"failed accepted requests: {r['sigterm']['failed_accepted_requests']}; exit code "
+              f"server access log {r['sigterm']['server_access_log']}; failed requests the server read: "
+              f"{r['sigterm']['failed_accepted_requests']}; resets of connections never accepted (listen backlog at "
+              f"close): {r['sigterm']['reset_in_listen_backlog']}; exit code "
               f"{r['sigterm']['server_exit_code']} after {r['sigterm']['exit_after_sigterm_s']:.2f} s",
               f"- tritonclient vs offline engine labels: " + ", ".join(
                   f"{m} {v['same_labels']}/{v['texts']}" for m, v in r["tritonclient"].items())]
