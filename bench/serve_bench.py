@@ -145,9 +145,9 @@ def children_cpu_s() -> float:
 
 
 def run_wrk(url: str, concurrency: int, seconds: float, bodies: Path, *, rate: float = 0.0, key: str = "",
-            server: Proc | None = None) -> dict:
+            server: Proc | None = None, arrivals: str = "uniform") -> dict:
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "--latency",
-           "-s", str(LUA), url, "--", str(bodies), f"{rate:.3f}", key]
+           "-s", str(LUA), url, "--", str(bodies), f"{rate:.3f}", key, arrivals]
     cpu0, srv0, t0 = children_cpu_s(), server.cpu_s() if server else None, time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.monotonic() - t0
@@ -157,7 +157,8 @@ def run_wrk(url: str, concurrency: int, seconds: float, bodies: Path, *, rate: f
     dur = res["duration_us"] / 1e6
     ok = res["status"].get("200", 0)
     res.update({
-        "concurrency": concurrency, "offered_rate_rps": rate or None, "seconds": dur,
+        "concurrency": concurrency, "offered_rate_rps": rate or None, "arrivals": arrivals if rate else "closed loop",
+        "seconds": dur,
         "throughput_rps": res["requests"] / dur, "goodput_rps": ok / dur,
         "p50_ms": res["latency_us"]["p50"] / 1000, "p90_ms": res["latency_us"]["p90"] / 1000,
         "p99_ms": res["latency_us"]["p99"] / 1000,
@@ -457,19 +458,31 @@ def main(argv: list[str] | None = None) -> int:
             "vs_fastapi_optimum_c16": e16 / table["fastapi-optimum"][16]["throughput_rps"],
         }
         result["peak_rps"] = peak
+        c16 = [x for x in steps if x["server"] == "edgeft" and x["concurrency"] == 16]
+        result["c16_server_cpu_ms_per_request"] = median([1000 * x["server_cpu_s"] / x["requests"] for x in c16])
         result["mean_batch_rows_c16"] = agg("edgeft", 16, "mean_batch_rows")
 
         # Paced load on the edgeft server alone (the others idle).
         srv = servers["edgeft"]
-        p70 = run_wrk(srv.url, 64, 2 * a.seconds, bodies, rate=0.7 * peak, server=srv)
+        p70 = run_wrk(srv.url, 64, 2 * a.seconds, bodies, rate=0.7 * peak, server=srv)  # evenly spaced (wrk2-like)
         ratios["p99_over_p50_at_70pct"] = p70["p99_ms"] / p70["p50_ms"]
+        p70p = run_wrk(srv.url, 64, 2 * a.seconds, bodies, rate=0.7 * peak, server=srv, arrivals="poisson")
+        ratios["p99_over_p50_at_70pct_poisson"] = p70p["p99_ms"] / p70p["p50_ms"]
+        result["paced_70pct_poisson"] = p70p
+        for r_ in (p70, p70p):  # server CPU per answer: paced arrivals form smaller batches than the closed loop
+            r_["server_cpu_ms_per_request"] = 1000 * r_["server_cpu_s"] / max(1, r_["requests"])
         rss0 = srv.rss_mb()
         over = run_wrk(srv.url, 512, 2 * a.seconds, bodies, rate=2 * peak, server=srv)
         rss1 = srv.rss_mb()
-        st, body = http("POST", srv.url + "/predict", json.dumps({"inputs": texts[0]}).encode(),
-                        {"Content-Type": "application/json"})
+        t_over, st = time.monotonic(), None  # the queue drains, then the server answers again
+        while time.monotonic() - t_over < 30 and st != 200:
+            st, _ = http("POST", srv.url + "/predict", json.dumps({"inputs": texts[0]}).encode(),
+                         {"Content-Type": "application/json"})
+            if st != 200:
+                time.sleep(0.05)
         over.update(rss_before_mb=rss0, rss_after_mb=rss1, alive_after=srv.proc.poll() is None,
-                    answer_after_status=st, only_200_503=set(over["status"]) <= {"200", "503"})
+                    answer_after_status=st, recovered_after_s=time.monotonic() - t_over,
+                    only_200_503=set(over["status"]) <= {"200", "503"})
         ratios["overload_goodput_vs_peak"] = over["goodput_rps"] / peak
         ratios["overload_rss_growth"] = rss1 / rss0 - 1
         result["paced_70pct"], result["overload_2x"] = p70, over
@@ -562,10 +575,14 @@ def render_md(r: dict) -> str:
     lines += ["", f"- peak (edgeft, closed loop): {r['peak_rps']:.0f} req/s",
               f"- paced at 70% of peak ({p['offered_rate_rps']:.0f} req/s offered, 64 connections): "
               f"{p['throughput_rps']:.0f} req/s, p50 {p['p50_ms']:.2f} ms, p90 {p['p90_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms, "
-              f"status {p['status']}",
+              f"status {p['status']}; server CPU {p['server_cpu_ms_per_request']:.2f} ms per request "
+              f"(closed loop c=16: {r['c16_server_cpu_ms_per_request']:.2f})",
+              f"- the same with Poisson arrivals: p50 {r['paced_70pct_poisson']['p50_ms']:.2f} ms, p99 "
+              f"{r['paced_70pct_poisson']['p99_ms']:.2f} ms, status {r['paced_70pct_poisson']['status']}",
               f"- paced at 2x peak ({o['offered_rate_rps']:.0f} req/s offered, 512 connections): status {o['status']}, "
               f"socket errors {o['errors']}, goodput {o['goodput_rps']:.0f} req/s, RSS {o['rss_before_mb']:.0f} -> "
-              f"{o['rss_after_mb']:.0f} MB, alive after: {o['alive_after']}, answer after: {o['answer_after_status']}",
+              f"{o['rss_after_mb']:.0f} MB, alive after: {o['alive_after']}, answers {o['answer_after_status']} again "
+              f"{o['recovered_after_s']:.2f} s after the load stopped (its queue drained)",
               f"- cold start (exec to ready, alone): {r['cold_start_s']:.2f} s; started together: "
               + ", ".join(f"{k} {v:.1f} s" for k, v in r["cold_start_concurrent_s"].items()),
               f"- auth: {r['auth']['requests_per_case']} requests per bad-key case ({', '.join(r['auth']['statuses'])}): "

@@ -1,10 +1,11 @@
 -- wrk script for `make serve-bench`: POST one text per request to /predict, cycling through a file
 -- of JSON bodies (one per line), count answers by HTTP status, and optionally pace requests.
 --
---   wrk -t1 -c64 -d10s --latency -s bench/wrk_predict.lua http://127.0.0.1:8000 -- BODIES RATE [KEY]
+--   wrk -t1 -c64 -d10s --latency -s bench/wrk_predict.lua http://127.0.0.1:8000 -- BODIES RATE [KEY] [ARRIVALS]
 --
 -- RATE 0: closed loop (each connection sends its next request as soon as the answer arrives).
--- RATE R > 0: each thread schedules Poisson arrivals at R requests/s and a free connection sends at
+-- RATE R > 0: each thread schedules arrivals at R requests/s, evenly spaced (ARRIVALS "uniform", the
+-- default, as wrk2 and vegeta pace) or with exponential gaps ("poisson"); a free connection sends at
 -- the next scheduled time, so the offered load does not drop when the server slows down (as long as
 -- a connection is free; a schedule more than 1 s behind is reset). wrk's latency is measured from
 -- the request's write, so it excludes the pacing delay.
@@ -27,6 +28,7 @@ end
 
 function init(args)
   local path, rate, key = args[1], tonumber(args[2] or "0"), args[3]
+  poisson = (args[4] == "poisson")
   local headers = { ["Content-Type"] = "application/json" }
   if key ~= nil and key ~= "" then headers["Authorization"] = "Bearer " .. key end
   reqs = {}
@@ -50,7 +52,11 @@ function delay()
   local t = now_ms()
   if next_ms == nil or next_ms < t - 1000 then next_ms = t end
   local slot = next_ms
-  next_ms = next_ms - math.log(1 - math.random()) * interval_ms
+  if poisson then
+    next_ms = next_ms - math.log(1 - math.random()) * interval_ms
+  else
+    next_ms = next_ms + interval_ms
+  end
   if slot <= t then return 0 end
   return math.floor(slot - t + 0.5)
 end
