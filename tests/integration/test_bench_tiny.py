@@ -121,11 +121,13 @@ def test_gate_on_two_reports(report, run_dir, dataset, tmp_path):
 
     rep, out = report
     kw = dict(max_latency_regression=0.25, max_accuracy_drop=0.5, normalize=False)
-    # a report against itself: every ratio is exactly 1, its CI well inside the threshold: PASS, exit 0
-    same = gate(out / "bench.json", out / "bench.json", **kw, max_cv=1.0)  # tiny models on a busy box: any CV
+    # a report against itself: every ratio is exactly 1 and its bootstrap CI straddles it. The CI's half-width
+    # is about CV/sqrt(n): tiny models timed in microseconds on a busy 2-core box reach CVs near 50%, so the
+    # threshold here is wide (+90%) to make PASS certain; the 2x case below keeps +25%.
+    same = gate(out / "bench.json", out / "bench.json", **{**kw, "max_latency_regression": 0.9}, max_cv=1.0)
     assert same.exit_code == 0 and same.verdict == "pass", same.render()
     lat = [c for c in same.comparisons if c.metric == "latency"]
-    assert len(lat) == 4 and all(c.verdict == "ok" and c.change == 0 and c.ci[0] <= 0 <= c.ci[1] < 0.25
+    assert len(lat) == 4 and all(c.verdict == "ok" and c.change == 0 and c.ci[0] <= 0 <= c.ci[1] < 0.9
                                 for c in lat)
     assert all(m["same"] for m in same.models.values()) and len(same.models) == 4
 
