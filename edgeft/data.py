@@ -82,6 +82,11 @@ class Dataset:
             ("duplicates_dropped", "duplicate or conflicting rows")) if self.notes.get(k)]
         return f"dropped {', '.join(parts)}" if parts else ""
 
+    def cut_text(self) -> str:
+        """How many texts were cut to data.max_text_chars, for progress output ('' when none were)."""
+        n = self.notes.get("texts_cut_to_max_chars")
+        return f"cut {n} texts to data.max_text_chars={self.notes['max_text_chars']} characters" if n else ""
+
     def majority_class_accuracy(self, split: str = "test") -> float:
         """Accuracy of always predicting the most frequent *training* class."""
         majority = int(np.bincount(self.train.labels, minlength=self.num_labels).argmax())
@@ -295,6 +300,20 @@ def load_dataset(cfg, seed: int = 42) -> Dataset:
         if "train" in parts and len(parts) == 1:
             parts["all"] = parts.pop("train")
         label_names = None
+
+    # Cut every text before anything tokenizes it: a fast tokenizer tokenizes a whole string before
+    # truncating to max_length, so one 50 MB cell took gigabytes of memory.
+    cap, cut = cfg.max_text_chars, 0
+    for split, (texts, labels) in parts.items():
+        long = [i for i, t in enumerate(texts) if isinstance(t, str) and len(t) > cap]
+        if long:
+            texts = list(texts)
+            for i in long:
+                texts[i] = texts[i][:cap]
+            parts[split] = (texts, labels)
+            cut += len(long)
+    notes["texts_cut_to_max_chars"] = cut
+    notes["max_text_chars"] = cap
 
     for split, (texts, _) in parts.items():
         if not texts:

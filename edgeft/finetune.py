@@ -69,6 +69,8 @@ def finetune(recipe: Recipe, dataset: Dataset, run_dir: str | Path, *, show_prog
         f"{len(dataset.validation)} validation / {len(dataset.test)} test, {threads} threads", enabled=show_progress)
     if dataset.dropped_text():
         say(f"  data: {dataset.dropped_text()} before splitting (counts in metrics.json data)", enabled=show_progress)
+    if dataset.cut_text():
+        say(f"  data: {dataset.cut_text()} (count in metrics.json data)", enabled=show_progress)
 
     settings = TrainSettings(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                              eval_batch_size=cfg.eval_batch_size, max_length=cfg.max_length,

@@ -48,6 +48,8 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="only for data without its own test split")
     max_train_samples: int | None = Field(None, gt=0, description="stratified subsample of train (for quick runs)")
     max_eval_samples: int | None = Field(None, gt=0, description="stratified subsample of validation and test")
+    max_text_chars: int = Field(100_000, ge=1, description="every text is cut to this many characters when loaded, "
+                                "before tokenizing (a huge cell would otherwise be tokenized whole)")
 
 
 class LoraConfig(_Strict):

@@ -112,6 +112,31 @@ def test_blank_labels_and_texts_are_counted(tmp_path, tiny_csv):
     assert load_dataset(_cfg(dataset=str(tiny_csv))).dropped_text() == ""
 
 
+def test_huge_text_cells_are_cut_when_loaded(tmp_path, tiny_csv):
+    # Issue 8: a fast tokenizer tokenizes a whole string before truncating, so a 50 MB cell took 7.6 GB.
+    # Texts are cut to data.max_text_chars when loaded, before anything tokenizes them.
+    huge = "good movie " * 300_000  # 3,300,000 characters in one CSV cell
+    path = tmp_path / "d.csv"
+    path.write_text(tiny_csv.read_text() + f"{huge},pos\n")
+    ds = load_dataset(_cfg(dataset=str(path)))
+    texts = ds.train.texts + ds.validation.texts + ds.test.texts
+    assert len(texts) == 241 and max(map(len, texts)) == 100_000
+    assert huge[:100_000] in texts
+    assert ds.notes["texts_cut_to_max_chars"] == 1
+    assert ds.summary()["texts_cut_to_max_chars"] == 1  # the data section of metrics.json
+    assert ds.cut_text() == "cut 1 texts to data.max_text_chars=100000 characters"
+
+    # The cap is a recipe field; it applies to a folder's own validation/test files too.
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "train.csv").write_text(tiny_csv.read_text())
+    (tmp_path / "f" / "test.csv").write_text(f"text,label\n{huge},pos\nshort,neg\n")
+    ds = load_dataset(_cfg(dataset=str(tmp_path / "f"), max_text_chars=200))
+    assert [len(t) for t in ds.test.texts] == [200, 5] and ds.test.texts[0] == huge[:200]
+    assert ds.notes["texts_cut_to_max_chars"] == 1  # tiny_csv's texts are all shorter
+    assert load_dataset(_cfg(dataset=str(tiny_csv))).notes["texts_cut_to_max_chars"] == 0
+    assert load_dataset(_cfg(dataset=str(tiny_csv))).cut_text() == ""
+
+
 def test_integer_labels_with_a_blank_stay_integers(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(30)) + "blank,\n")

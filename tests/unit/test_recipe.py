@@ -29,6 +29,8 @@ def test_shipped_defaults_exist():
     ("finetune.epochs=abc", "finetune.epochs: must be a valid integer"),
     ("compress.prune.heads=1.5", "compress.prune.heads: must be < 1"),
     ("data.validation_fraction=0", "data.validation_fraction: must be > 0"),
+    ("data.max_text_chars=0", "data.max_text_chars: must be >= 1"),
+    ("data.max_text_chars=1.5", "data.max_text_chars: must be a valid integer"),
     ("stages=[bench,finetune]", "stages: must be in the order"),
     ("bench.batch_sizes=[]", "bench.batch_sizes: must be a non-empty list"),
     ("finetune.method=qlora", "finetune.method: must be 'full' or 'lora'"),
