@@ -14,8 +14,9 @@ gate is what CI does):
   the int8 baseline).
 
 Per run it records the verdict, the exit code, the ratio and its CI, the rounds, the wall time of the gate
-process and the robust CV of each side; with the CPU model and its int8 flags, the command line and the git
-commit, into ``bench/results/<stamp>-ab-gate-check.{json,md}``. Exit 0 when every run came out as expected.
+process and the robust CV of each side; with the CPU model and its int8 flags, the command line, the git commit
+and the path + sha256 of the compress report(s) gated, into ``bench/results/<stamp>-ab-gate-check.{json,md}``.
+Exit 0 when every run came out as expected.
 Run it on the machine the figures are for, with nothing else running unless the noise is the point (the
 load average at start and end is recorded).
 """
@@ -107,6 +108,7 @@ def markdown(doc: dict) -> str:
              f"int8-relevant flags: {', '.join(doc['cpu']['flags']) or 'none'} (VNNI: {doc['cpu']['has_vnni']})",
              f"- load average at start / end: {doc['loadavg_start']} / {doc['loadavg_end']}",
              f"- run folder: `{doc['run']}`; threshold +{doc['threshold']}; budget {doc['budget']}",
+             *(f"- compress report: `{r['path']}` sha256 `{r['sha256']}`" for r in doc.get("compress_reports") or []),
              f"- model: {s.get('model')} ({s.get('precision')})", "",
              f"**Identical models: {s['identical_pass']}/{s['identical_total']} exit 0 (false alarms: "
              f"{s['identical_false_alarms']}, inconclusive: {s['identical_inconclusive']}). "
@@ -146,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     run = ensure_run(args.run)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import compress_report
+
+    # the compress report(s) of the models gated, hashed before the gates run
+    reports = [compress_report(run / "compress" / "report.json")]
+    if args.slower_candidate and (Path(args.slower_candidate) / "compress" / "report.json").is_file():
+        reports.append(compress_report(Path(args.slower_candidate) / "compress" / "report.json"))
     args.scratch.mkdir(parents=True, exist_ok=True)
     common = ["--max-latency-regression", args.threshold]
     if args.budget_seconds is not None:
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
            "cpu": _cpu(), "platform": platform.platform(), "loadavg_start": load_start,
            "loadavg_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-           "run": str(run), "threshold": args.threshold,
+           "run": str(run), "compress_reports": reports, "threshold": args.threshold,
            "slow_case": f"Candidate {args.slower_candidate} (2 threads each)" if args.slower_candidate
            else "Candidate at 1 intra-op thread vs 2",
            "budget": f"{args.budget_seconds:g}s" if args.budget_seconds else "the gate's default",

@@ -12,7 +12,8 @@ Variants (batch 1, seq 128, 2 intra-op threads unless told otherwise):
 Compress outputs are cached under --work and reused unless --fresh. Without --run a fine-tuned run folder is
 made with ``edgeft finetune recipes/minilm-rotten-tomatoes.yaml`` into WORK/finetune (reused when there).
 Results: OUT/<date>-suite.{json,md,png}, with the compress targets checked (int8 >= 3x, pruned+int8 >= 4.5x
-vs torch fp32, pruned+int8 faster than the optimum path). Run it under ``flock /tmp/edgeft-heavy.lock`` on a
+vs torch fp32, pruned+int8 faster than the optimum path), the command line, the git commit and the path + sha256
+of each compress/report.json measured (``provenance``). Run it under ``flock /tmp/edgeft-heavy.lock`` on a
 shared machine (``make bench`` does).
 """
 
@@ -129,6 +130,24 @@ def check_targets(report: dict) -> dict:
     return out
 
 
+def measured_with(argv: list[str] | None, compressed: dict[str, Path]) -> dict:
+    """The command line, git commit (+ dirty flag, changed paths) and the path + sha256 of each
+    compress/report.json whose models the suite measures (and which variants came from it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import command_line, compress_report, git_state
+
+    uses = {"int8": ["ort-fp32", "edgeft-int8"], "pruned-int8": ["edgeft-pruned-int8"]}
+    return {"command": command_line("bench/suite.py", argv), **git_state(),
+            "compress_reports": [{**compress_report(compressed[k] / "compress" / "report.json"), "variants": v}
+                                 for k, v in uses.items() if k in compressed]}
+
+
+def provenance_lines(made_with: dict) -> list[str]:
+    from provenance import markdown_header
+
+    return markdown_header(made_with, machine=False)  # the CPU and versions are in the table's header
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, default=None, help="fine-tuned run folder (holds finetuned/)")
@@ -149,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = ensure_finetuned(args.run, args.work)
         compressed = ensure_compressed(run, args.work, fresh=args.fresh)
+        made_with = measured_with(argv, compressed)  # before the bench: the tree and reports it measured
         specs = suite_specs(run, compressed)
         recipe = _recipe(run, [])
         dataset = load_dataset(recipe.data, seed=recipe.seed)
@@ -161,9 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.one_line()}", file=sys.stderr)
         return e.exit_code
     report["suite"] = check_targets(report)
+    report["provenance"] = made_with
     from edgeft.bench.report import write_outputs
 
     write_outputs(report, args.out, stem)  # again, now with the targets
+    from edgeft.artifacts import write_text_atomic
+
+    md = args.out / f"{stem}.md"
+    write_text_atomic(md, md.read_text() + "\n".join(["", "Made with:", *provenance_lines(made_with), ""]))
     print(f"\nsuite: {args.out / (stem + '.md')}")
     for m, x in report["suite"]["speedup_vs_torch_fp32"].items():
         print(f"  {m:<20} {x:.2f}x vs torch fp32" if x else f"  {m:<20} -")

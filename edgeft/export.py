@@ -175,10 +175,11 @@ def layernorm_as_instance_norm(model) -> int:
     -> Reshape back -> Mul gamma -> Add beta``. Same function (within float rounding); returns the
     number of nodes rewritten.
 
-    Why: ONNX Runtime's CPU LayerNorm kernels cost ~4.5 ns per element here (116 us for one
-    [1, 128, 384] SkipLayerNorm on 2 threads, vs 19 us for torch's add + layer_norm), which made
-    LayerNorm ~29% of int8 MiniLM's time; InstanceNormalization over rows computes the same
-    normalisation in ~25 us. On GPU keep the fused op (``layernorm: fused``).
+    Why: ONNX Runtime's CPU SkipLayerNormalization kernel is slow: one [1, 128, 384] call on 2 threads
+    takes 112 us on a 2-core AMD EPYC (2.3 ns per element; torch's add + layer_norm: 20 us), rewritten
+    42 us (``bench/layernorm_kernel.py``, ``bench/results/20261201-2017-layernorm-kernel.md``); on an
+    Intel Xeon it was ~29% of int8 MiniLM's time. (A plain LayerNormalization is fast, 14 us, and
+    its rewrite slower, 30 us; fused BERT graphs have none.) On GPU keep the fused op (``layernorm: fused``).
     """
     import numpy as np
     from onnx import helper, numpy_helper
