@@ -7,7 +7,7 @@ Resolution order, later wins: field defaults -> the bundle manifest's ``serving`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -45,6 +45,8 @@ class ServeConfig(BaseModel):
     warmup_batches: int = Field(3, ge=0, le=100, description="warm-up batches before ready")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="SIGTERM: time to finish queued and in-flight requests")
     latency_budget_ms: float = Field(100.0, gt=0, description="request latency budget: a histogram bucket edge sits here")
+    http: Literal["auto", "httptools", "h11"] = Field("auto", description="HTTP parser (as uvicorn's --http): auto = httptools where installed")
+    loop: Literal["auto", "uvloop", "asyncio"] = Field("auto", description="event loop (as uvicorn's --loop): auto = uvloop where installed")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="server log level")
 
     def public_dict(self) -> dict[str, Any]:

@@ -65,13 +65,18 @@ def check_exposure(config: ServeConfig) -> None:
                            "--insecure-no-auth-public if that is really intended")
 
 
-def header_deadline_protocol(timeout_s: float):
+def header_deadline_protocol(timeout_s: float, parser: str = "auto"):
     """uvicorn's HTTP protocol with a deadline for a request's line and headers: the httptools (C
-    parser) one where installed (~20% more requests/s than h11 at 16 clients on the demo model,
-    measured interleaved on 2 cores), else the pure-Python h11 one."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
-    except ImportError:
+    parser) one where installed (``bench/serve_http_ab.py`` measures it against h11), else the
+    pure-Python h11 one."""
+    Base = None
+    if parser in ("auto", "httptools"):
+        try:
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+        except ImportError:
+            if parser == "httptools":
+                raise ServeRefused("http: httptools is not installed", "pip install httptools, or set http: h11") from None
+    if Base is None:
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
     class DeadlineH11Protocol(Base):
@@ -152,7 +157,7 @@ def build_server(bundle_path: str | Path, config: ServeConfig):
     info = ModelInfo(bundle.name, bundle.version, bundle.labels, bundle.digest, max_length)
     app = build_app(info, config, engine, metrics, keys)
     engine.admitted = lambda: app.state.pending  # requests admitted by the HTTP layer, answered or not
-    ucfg = uvicorn.Config(app, host=config.host, port=config.port, http=header_deadline_protocol(config.receive_timeout_s),
+    ucfg = uvicorn.Config(app, host=config.host, port=config.port, http=header_deadline_protocol(config.receive_timeout_s, config.http),
                           lifespan="off", log_config=None, access_log=False, server_header=False,
                           timeout_keep_alive=int(max(1, config.keep_alive_s)), limit_concurrency=config.max_connections,
                           timeout_graceful_shutdown=int(max(1, config.shutdown_timeout_s)),
@@ -213,12 +218,14 @@ def serve(bundle_path: str | Path, config: ServeConfig) -> int:
             t.cancel()
 
     try:
-        try:  # uvloop: ~10% more requests/s at 16 clients on the demo model (measured interleaved, 2 cores)
-            import uvloop
+        if config.loop in ("auto", "uvloop"):  # bench/serve_http_ab.py measures it against asyncio's loop
+            try:
+                import uvloop
 
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        except ImportError:
-            pass
+                asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+            except ImportError:
+                if config.loop == "uvloop":
+                    raise ServeRefused("loop: uvloop is not installed", "pip install uvloop, or set loop: asyncio") from None
         asyncio.run(main())
     finally:
         engine.stop(timeout=config.shutdown_timeout_s)
