@@ -176,10 +176,10 @@ def layernorm_as_instance_norm(model) -> int:
     number of nodes rewritten.
 
     Why: ONNX Runtime's CPU SkipLayerNormalization kernel is slow: one [1, 128, 384] call on 2 threads
-    takes 112 us on a 2-core AMD EPYC (2.3 ns per element; torch's add + layer_norm: 20 us), rewritten
-    42 us (``bench/layernorm_kernel.py``, ``bench/results/20261201-2017-layernorm-kernel.md``); on an
-    Intel Xeon it was ~29% of int8 MiniLM's time. (A plain LayerNormalization is fast, 14 us, and
-    its rewrite slower, 30 us; fused BERT graphs have none.) On GPU keep the fused op (``layernorm: fused``).
+    takes 110 us on a 2-core AMD EPYC (2.2 ns per element; torch's add + layer_norm: 19 us), rewritten
+    41 us (``bench/layernorm_kernel.py``, ``bench/results/20261201-2019-layernorm-kernel.md``); on an
+    Intel Xeon it was ~29% of int8 MiniLM's time. (A plain LayerNormalization is fast, 16 us, and
+    its rewrite slower, 29 us; fused BERT graphs have none.) On GPU keep the fused op (``layernorm: fused``).
     """
     import numpy as np
     from onnx import helper, numpy_helper

@@ -11,7 +11,7 @@ Method (recorded in bench.json under ``method``):
    session's worker threads keep spinning for ~30-40 ms after its last call, and on 2 cores that halves
    the speed of whatever runs next (measured: int8 MiniLM 9.9 ms instead of 5.0 ms for its first five
    calls after another session's block on an Intel Xeon; ``bench/thread_spin.py`` on a 2-core AMD EPYC:
-   6.1 vs 3.1 ms, 4.8 ms after a 25 ms idle). The first call of every block is not recorded either: it pays
+   6.1 vs 3.0 ms, 4.6 ms after a 25 ms idle). The first call of every block is not recorded either: it pays
    for the switch (caches, sleeping pools waking up). The starting variant rotates each round.
 3. Stop once every variant holds ``target_samples``, or the budget is spent; past the budget, go on (up to
    twice the budget) only while some variant holds fewer than ``min_samples``.
