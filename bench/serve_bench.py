@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         raise SystemExit("serve-bench: wrk not found (fix: apt-get install wrk; `make serve-bench` does it)")
 
-    from edgeft.artifacts import cpu_info, write_text_atomic
+    from edgeft.artifacts import cpu_info, sha256_file, write_text_atomic
     from edgeft.bundle import open_bundle
     from edgeft.data import load_dataset
     from edgeft.recipe import load_recipe
@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                                          cwd=ROOT).stdout.strip()),
         "started_unix": time.time(), "cpu": cpu_info(), "run_dir": str(run), "bundle": str(bundle_dir),
         "bundle_digest": bundle.digest, "model_file": str(bundle.onnx_path.relative_to(bundle_dir)),
+        "compress_report": {"path": str(run / "compress" / "report.json"),
+                            "sha256": sha256_file(run / "compress" / "report.json")},
         "texts": len(texts), "generator": "wrk 4.1 (one thread), bench/wrk_predict.lua",
         "cpu_sharing": "server and generator unpinned on the same cores; CPU seconds of each recorded per step",
         "seconds_per_step": a.seconds, "repeats": a.repeats, "targets": TARGETS,
