@@ -106,7 +106,8 @@ def markdown(doc: dict) -> str:
              + (" (working tree had changes)" if doc["git_dirty"] else ""),
              f"- CPU: {doc['cpu']['model']}, usable cores {doc['cpu']['usable_cores']}, "
              f"int8-relevant flags: {', '.join(doc['cpu']['flags']) or 'none'} (VNNI: {doc['cpu']['has_vnni']})",
-             f"- load average at start / end: {doc['loadavg_start']} / {doc['loadavg_end']}",
+             f"- load average at start / end: {doc['loadavg_start']} / {doc['loadavg_end']}; busy-loop neighbours: "
+             f"{doc.get('busy_cores', 0)}; intra-op threads per side: {doc.get('threads', 2)}",
              f"- run folder: `{doc['run']}`; threshold +{doc['threshold']}; budget {doc['budget']}",
              *(f"- compress report: `{r['path']}` sha256 `{r['sha256']}`" for r in doc.get("compress_reports") or []),
              f"- model: {s.get('model')} ({s.get('precision')})", "",
@@ -137,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slower-candidate", type=Path, default=None,
                     help="a known slower model (e.g. the run's ONNX fp32 folder) as the slow case's candidate, "
                          "both sides at 2 threads, instead of the same model at 1 thread")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="intra-op threads of both sides in the identical and slower-model cases (default 2)")
+    ap.add_argument("--busy-cores", type=int, default=0,
+                    help="start this many busy-loop processes for the whole check: a noisy neighbour (default 0)")
     ap.add_argument("--scratch", type=Path, default=ROOT / "runs" / "ab-gate-check")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
@@ -163,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         common += ["--variant", args.variant]
     load_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     rows = []
-    slow = ("slower model", 1, ["--threads", "2"], args.slower_candidate) if args.slower_candidate else \
+    th = ["--threads", str(args.threads)]
+    slow = ("slower model", 1, th, args.slower_candidate) if args.slower_candidate else \
         ("1 thread vs 2", 1, ["--baseline-threads", "2", "--candidate-threads", "1"], None)
-    cases = [("identical", 0, ["--threads", "2"], None), slow]
+    cases = [("identical", 0, th, None), slow]
+    # A noisy neighbour: busy loops in their own processes, stopped when the check ends.
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy_cores)]
     for case, expected, extra, candidate in cases:
         for i in range(1, args.repeats + 1):
             row = gate_once(run, args.scratch, f"{case.replace(' ', '-')}-{i}", extra, common, candidate)
@@ -177,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['wall_s']:.1f}s{'' if row['as_expected'] else '  UNEXPECTED'}", flush=True)
             if row["verdict"] == "error":
                 print(row["output"], file=sys.stderr)
+    for h in hogs:
+        h.kill()
+        h.wait()
     ident = [r for r in rows if r["case"] == "identical"]
     slow = [r for r in rows if r["case"] != "identical"]
     cvs = [v for r in rows for v in (r.get("cv_robust") or {}).values() if v is not None]
@@ -198,10 +209,11 @@ def main(argv: list[str] | None = None) -> int:
            "cpu": _cpu(), "platform": platform.platform(), "loadavg_start": load_start,
            "loadavg_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
            "run": str(run), "compress_reports": reports, "threshold": args.threshold,
-           "slow_case": f"Candidate {args.slower_candidate} (2 threads each)" if args.slower_candidate
+           "slow_case": f"Candidate {args.slower_candidate} ({args.threads} threads each)" if args.slower_candidate
            else "Candidate at 1 intra-op thread vs 2",
            "budget": f"{args.budget_seconds:g}s" if args.budget_seconds else "the gate's default",
-           "repeats": args.repeats, "summary": summary, "rows": rows}
+           "repeats": args.repeats, "threads": args.threads, "busy_cores": args.busy_cores,
+           "summary": summary, "rows": rows}
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"{stamp}-ab-gate-check.json"
     out.write_text(json.dumps(doc, indent=2) + "\n")
