@@ -41,6 +41,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "bench" / "wrk_predict.lua"
 BASELINES = ROOT / "bench" / "serve_baselines.py"
@@ -397,11 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     "--port", str(free_port()), "--max-length", ml], "/health", logdir),
     }
     result: dict = {
-        "command": " ".join([sys.executable, *sys.argv]) if argv is None else "bench/serve_bench.py " + " ".join(argv),
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
-        "git_dirty": bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                         cwd=ROOT).stdout.strip()),
-        "started_unix": time.time(), "cpu": cpu_info(), "run_dir": str(run), "bundle": str(bundle_dir),
+        **provenance("bench/serve_bench.py", argv, ("onnxruntime", "tokenizers", "uvicorn", "fastapi")),
+        "started_unix": time.time(), "run_dir": str(run), "bundle": str(bundle_dir),
         "bundle_digest": bundle.digest, "model_file": str(bundle.onnx_path.relative_to(bundle_dir)),
         "compress_report": {"path": str(run / "compress" / "report.json"),
                             "sha256": sha256_file(run / "compress" / "report.json")},
@@ -595,7 +595,7 @@ def render_md(r: dict) -> str:
               f"{r['sigterm']['failed_accepted_requests']}; resets of connections never accepted (listen backlog at "
               f"close): {r['sigterm']['reset_in_listen_backlog']}; exit code "
               f"{r['sigterm']['server_exit_code']} after {r['sigterm']['exit_after_sigterm_s']:.2f} s",
-              f"- tritonclient vs offline engine labels: " + ", ".join(
+              "- tritonclient vs offline engine labels: " + ", ".join(
                   f"{m} {v['same_labels']}/{v['texts']}" for m, v in r["tritonclient"].items())]
     ba = r.get("batch_agreement", {})
     for k, v in ba.items():

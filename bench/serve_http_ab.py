@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args(argv)
-    from edgeft.artifacts import cpu_info, write_text_atomic
+    from edgeft.artifacts import write_text_atomic
     from edgeft.data import load_dataset
     from edgeft.recipe import load_recipe
 
@@ -72,10 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {n: sb.median([next(x for x in steps if x["server"] == n and x["round"] == r)["throughput_rps"]
                             / next(x for x in steps if x["server"] == "h11+asyncio" and x["round"] == r)["throughput_rps"]
                             for r in range(a.rounds)]) for n in servers}
-    res = {"command": "python bench/serve_http_ab.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        cwd=sb.ROOT).stdout.strip(),
-           "cpu": cpu_info(), "bundle": str(bundle), "concurrency": a.concurrency, "seconds": a.seconds,
+    res = {**sb.provenance("bench/serve_http_ab.py", argv, ("onnxruntime", "uvicorn", "httptools", "uvloop")),
+           "bundle": str(bundle), "concurrency": a.concurrency, "seconds": a.seconds,
            "rounds": a.rounds, "table": table, "throughput_vs_h11_asyncio": ratios, "steps": steps}
     base = a.out / f"{time.strftime('%Y%m%d-%H%M')}-serve-http-ab"
     write_text_atomic(base.with_suffix(".json"), json.dumps(res, indent=2) + "\n")
