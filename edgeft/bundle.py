@@ -14,6 +14,10 @@ Layout (paths relative to the bundle root)::
     model/                 model.onnx (+ external data), tokenizer files, config.json, labels.txt
     golden/golden.jsonl    {"text", "label", "logits"} per line, for the smoke test
     serving/               alerts.yml, alerts_test.yml, prometheus.yml, edgeft-serve.service
+    ray/serve_config.yaml  Ray Serve config for `serve run` (edgeft.scale.ray_serve)
+    triton/                Triton model repository (`ship --triton`, edgeft.scale.triton)
+    kubernetes/            Dockerfile, Deployment, Service, HPA, Secret, KServe InferenceService
+                           (`ship --kubernetes`, edgeft.scale.kubernetes)
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ MODEL_ONNX = "model/model.onnx"
 LABELS = "model/labels.txt"
 GOLDEN = "golden/golden.jsonl"
 SERVING_DIR = "serving"
+RAY_CONFIG = "ray/serve_config.yaml"
+TRITON_DIR = "triton"
+KUBERNETES_DIR = "kubernetes"
 MODEL_CARD = "MODEL_CARD.md"
 
 

@@ -386,10 +386,13 @@ def recipe_cmd(recipe, overrides, reference):
 @click.option("--max-batch-size", type=int, default=None, help="Texts per batch (max_batch_size; 1 = no batching).")
 @click.option("--insecure-no-auth-public", is_flag=True, default=None,
               help="Allow a non-loopback --host without --keys (insecure_no_auth_public).")
+@click.option("--engine", type=click.Choice(["embedded", "ray"]), default=None,
+              help="engine: embedded (default; one process) or ray (Ray Serve replicas with autoscaling; "
+                   "pip install 'edgeft[ray]'; ray.* settings via --set ray.KEY=VALUE).")
 @click.option("--print-config", is_flag=True, help="Print the resolved ServeConfig as YAML and exit.")
 @_guard
 def serve_cmd(bundle, host, port, keys, config_file, overrides, threads, max_batch_size, insecure_no_auth_public,
-              print_config):
+              engine, print_config):
     """Serve BUNDLE (from `edgeft ship`) over HTTP: KServe V2 / Triton API, TEI-style /predict, /metrics.
 
     Settings: the bundle's serving defaults, then --config, then --set KEY=VALUE, then flags.
@@ -402,10 +405,14 @@ def serve_cmd(bundle, host, port, keys, config_file, overrides, threads, max_bat
     cfg = resolve_config(manifest.get("serving") if isinstance(manifest.get("serving"), dict) else None,
                          config_file, overrides,
                          {"host": host, "port": port, "keys": keys, "threads": threads, "max_batch_size": max_batch_size,
-                          "insecure_no_auth_public": insecure_no_auth_public})
+                          "insecure_no_auth_public": insecure_no_auth_public, "engine": engine})
     if print_config:
         click.echo(cfg.to_yaml(), nl=False)
         return
+    if cfg.engine == "ray":
+        from edgeft.scale.ray_serve import run_ray
+
+        sys.exit(run_ray(bundle, cfg))
     from edgeft.serve.server import serve
 
     sys.exit(serve(bundle, cfg))
@@ -443,8 +450,13 @@ def keys_add(keyfile, key_id):
 @click.option("--latency-seconds", type=float, default=6.0, show_default=True,
               help="Seconds timing the model against the reference workload (machine-normalised latency).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle (never other folders).")
+@click.option("--triton", is_flag=True, help="Add a Triton model repository (triton/: ensemble of tokenizer, ONNX, labels).")
+@click.option("--kubernetes", is_flag=True,
+              help="Add Kubernetes manifests (Deployment, Service, HPA, key Secret) and a KServe InferenceService.")
+@click.option("--image", default=None, help="Container image the Kubernetes manifests run (default edgeft-NAME:VERSION).")
 @_guard
-def ship_cmd(run_dir, variant, out, name, version, allow_miss, golden, latency_seconds, force):
+def ship_cmd(run_dir, variant, out, name, version, allow_miss, golden, latency_seconds, force, triton, kubernetes,
+             image):
     """Package RUN_DIR's compressed model as a self-verifying bundle folder + .tar.gz (see README: Ship)."""
     from pydantic import ValidationError
 
@@ -452,7 +464,8 @@ def ship_cmd(run_dir, variant, out, name, version, allow_miss, golden, latency_s
 
     try:
         cfg = ShipConfig(run_dir=run_dir, variant=variant, out=out, name=name, version=version, allow_miss=allow_miss,
-                         force=force, golden=golden, latency_seconds=latency_seconds)
+                         force=force, golden=golden, latency_seconds=latency_seconds, triton=triton,
+                         kubernetes=kubernetes, image=image)
     except ValidationError as e:
         err = e.errors()[0]
         raise EdgeftError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}",
@@ -474,12 +487,16 @@ def ship_cmd(run_dir, variant, out, name, version, allow_miss, golden, latency_s
 @click.option("--skip-latency", is_flag=True, help="Skip the latency check (checksums, load and golden only).")
 @click.option("--latency-seconds", type=float, default=4.0, show_default=True, help="Seconds of latency measurement.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON.")
+@click.option("--triton", is_flag=True, help="Demand the Triton model repository (checked offline whenever present).")
+@click.option("--kubernetes", is_flag=True, help="Demand the Kubernetes manifests (checked offline whenever present).")
 @_guard
-def verify_cmd(bundle, skip_latency, latency_seconds, json_out):
-    """Check BUNDLE: checksums, load, golden answers, machine-normalised latency. Exit 0 pass, 1 fail, 2 bad bundle."""
+def verify_cmd(bundle, skip_latency, latency_seconds, json_out, triton, kubernetes):
+    """Check BUNDLE: checksums, load, golden answers, machine-normalised latency, and the scale-out files
+    (Ray, Triton, Kubernetes) it holds. Exit 0 pass, 1 fail, 2 bad bundle."""
     from edgeft.verify import verify
 
-    result = verify(bundle, skip_latency=skip_latency, latency_seconds=latency_seconds)
+    result = verify(bundle, skip_latency=skip_latency, latency_seconds=latency_seconds,
+                    require=tuple(k for k, on in (("triton", triton), ("kubernetes", kubernetes)) if on))
     click.echo(printable(result.render(), keep_newlines=True))
     if json_out:
         from edgeft.artifacts import write_json_atomic

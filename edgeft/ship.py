@@ -57,6 +57,10 @@ class ShipConfig(BaseModel):
     force: bool = Field(False, description="replace an existing bundle (only an edgeft bundle)")
     golden: int = Field(256, ge=8, le=10_000, description="golden test texts for the smoke test")
     latency_seconds: float = Field(6.0, gt=0, le=300, description="time spent measuring model vs reference")
+    triton: bool = Field(False, description="add a Triton model repository (triton/)")
+    kubernetes: bool = Field(False, description="add Kubernetes manifests and a KServe InferenceService (kubernetes/)")
+    image: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$",
+                              description="container image the Kubernetes manifests run (default edgeft-NAME:VERSION)")
 
 
 @dataclass
@@ -543,6 +547,22 @@ def model_card_part(ctx: ShipContext) -> None:
 DEFAULT_PARTS: tuple[Part, ...] = (model_part, golden_part, latency_part, serving_part, model_card_part)
 
 
+def scale_parts(cfg: ShipConfig) -> list[Part]:
+    """The scale-out files: Ray Serve's config always (small), Triton and Kubernetes when asked."""
+    from edgeft.scale.ray_serve import ray_part
+
+    parts: list[Part] = [ray_part]
+    if cfg.triton:
+        from edgeft.scale.triton import triton_part
+
+        parts.append(triton_part)
+    if cfg.kubernetes:
+        from edgeft.scale.kubernetes import kubernetes_part
+
+        parts.append(kubernetes_part)
+    return parts
+
+
 # ---------------------------------------------------------------- archive and entry point
 
 
@@ -636,6 +656,10 @@ def ship(cfg: ShipConfig, *, extra_parts: Sequence[Part] = ()) -> ShipResult:
     out = Path(cfg.out) if cfg.out else run_dir / "bundle"
     tarball = out.with_name(out.name + ".tar.gz")
     _check_out(out, tarball, cfg.force)
+    if cfg.triton:  # Triton versions are integers: refuse before anything is written
+        from edgeft.scale.triton import triton_version
+
+        triton_version(cfg.version)
 
     t0 = time.time()
     manifest: dict[str, Any] = {
@@ -657,7 +681,7 @@ def ship(cfg: ShipConfig, *, extra_parts: Sequence[Part] = ()) -> ShipResult:
     with atomic_dir(out) as stage:
         ctx = ShipContext(cfg, run_dir, stage, name, cfg.version, variant, report, bench, recipe, manifest)
         manifest["accuracy"] = _accuracy_section(ctx)
-        for part in (*DEFAULT_PARTS, *extra_parts):
+        for part in (*DEFAULT_PARTS, *scale_parts(cfg), *extra_parts):
             part(ctx)
         manifest["source"].pop("run_data", None)
         manifest["ship_s"] = round(time.time() - t0, 1)

@@ -203,9 +203,37 @@ def _threads(manifest: dict[str, Any], notes: list[str]) -> int:
     return max(1, min(recorded, usable_cores()))
 
 
-def verify(bundle: str | Path, *, skip_latency: bool = False, latency_seconds: float = 4.0) -> VerifyResult:
+def _scale_checks(root: Path, manifest: dict[str, Any], require: tuple[str, ...]) -> list[Check]:
+    """Offline checks of the scale-out files the bundle holds (or ``require`` demands): the Ray Serve
+    config, the Triton repository, the Kubernetes manifests. Nothing here starts a cluster."""
+    from edgeft.bundle import RAY_CONFIG
+
+    checks = []
+    kinds = {"ray": ("edgeft.scale.ray_serve", "check_ray_config", (root / RAY_CONFIG).is_file()),
+             "triton": ("edgeft.scale.triton", "check_triton", "triton" in manifest),
+             "kubernetes": ("edgeft.scale.kubernetes", "check_kubernetes", "kubernetes" in manifest)}
+    for kind, (module, func, present) in kinds.items():
+        if not present and kind not in require:
+            continue
+        import importlib
+        import importlib.util
+
+        detail = "valid (checked offline)"
+        kwargs = {}
+        if kind == "kubernetes" and importlib.util.find_spec("kubernetes_validate") is None:
+            kwargs["require_validator"] = False  # a serving machine need not carry the schemas
+            detail = "valid (semantic checks only; for the schemas: pip install 'edgeft[kubernetes]')"
+        problems = getattr(importlib.import_module(module), func)(root, **kwargs)
+        checks.append(Check(kind, "bad" if problems else "ok", f"{len(problems)} problem(s)" if problems else detail,
+                            problems))
+    return checks
+
+
+def verify(bundle: str | Path, *, skip_latency: bool = False, latency_seconds: float = 4.0,
+           require: tuple[str, ...] = ()) -> VerifyResult:
     """Run the checks in order; a bad step stops the ones that depend on it. Raises BundleError only
-    when ``bundle`` is not a bundle of a schema this edgeft reads."""
+    when ``bundle`` is not a bundle of a schema this edgeft reads. ``require``: scale-out parts
+    ("triton", "kubernetes") that must be present."""
     if latency_seconds <= 0:
         raise EdgeftError(f"--latency-seconds {latency_seconds} must be positive", "give seconds, e.g. 4")
     root = Path(bundle)
@@ -223,6 +251,7 @@ def verify(bundle: str | Path, *, skip_latency: bool = False, latency_seconds: f
     res.checks.append(check)
     if check.status == "bad":
         return res
+    res.checks.extend(_scale_checks(root, manifest, require))
     if skip_latency:
         res.checks.append(Check("latency", "skipped", "--skip-latency"))
     else:

@@ -22,7 +22,7 @@ from edgeft.cli import cli
 LAYOUT = {"MODEL_CARD.md", "SHA256SUMS", "manifest.json", "golden/golden.jsonl", "model/config.json",
           "model/labels.txt", "model/model.onnx", "model/tokenizer.json", "model/tokenizer_config.json",
           "model/special_tokens_map.json", "model/vocab.txt", "serving/alerts.yml", "serving/alerts_test.yml",
-          "serving/prometheus.yml", "serving/edgeft-serve.service"}
+          "serving/prometheus.yml", "serving/edgeft-serve.service", "ray/serve_config.yaml"}
 FAST = ["--golden", "16", "--latency-seconds", "0.5"]
 
 
@@ -328,7 +328,34 @@ def test_verify_passes_and_writes_json(bundle, tmp_path):
     assert code == 0, text
     assert "verify: PASS" in text and "16/16 labels same" in text
     v = json.loads((tmp_path / "v.json").read_text())
-    assert v["verdict"] == "pass" and [c["status"] for c in v["checks"]] == ["ok", "ok", "ok", "skipped"]
+    assert v["verdict"] == "pass" and [c["status"] for c in v["checks"]] == ["ok", "ok", "ok", "ok", "skipped"]
+    assert [c["name"] for c in v["checks"]][3] == "ray"
+
+
+@pytest.mark.parametrize("part", ["triton", "kubernetes"])
+def test_verify_demanding_a_part_the_bundle_lacks_is_one_line_exit_2(bundle, part):
+    code, text = _run(["verify", bundle, "--skip-latency", f"--{part}"])
+    assert code == 2 and f"re-ship it with `edgeft ship --{part}`" in text and "BAD BUNDLE" in text, text
+
+
+def test_ship_with_triton_and_kubernetes_verifies(run_dir, tmp_path):
+    out = tmp_path / "scale-bundle"
+    code, text = _run(["ship", run_dir, "--out", out, *FAST, "--triton", "--kubernetes", "--image",
+                       "registry.example/tiny:1"])
+    assert code == 0, text
+    m = json.loads((out / "manifest.json").read_text())
+    assert {"triton", "kubernetes", "ray"} <= set(m)
+    assert any(f.startswith("triton/") for f in m["files"]) and "kubernetes/deployment.yaml" in m["files"]
+    assert "registry.example/tiny:1" in (out / "kubernetes" / "deployment.yaml").read_text()
+    code, text = _run(["verify", out, "--skip-latency", "--triton", "--kubernetes", "--json-out", tmp_path / "v.json"])
+    assert code == 0, text
+    checks = {c["name"]: c["status"] for c in json.loads((tmp_path / "v.json").read_text())["checks"]}
+    assert checks["triton"] == checks["kubernetes"] == checks["ray"] == "ok"
+    # a broken scale-out file behind resealed checksums is named, exit 2
+    (out / "kubernetes" / "service.yaml").write_text("kind: [\n")
+    _reseal(out)
+    code, text = _run(["verify", out, "--skip-latency"])
+    assert code == 2 and "service.yaml" in text, text
 
 
 @pytest.mark.parametrize("change, named", [
