@@ -86,7 +86,8 @@ class EdgeftReplica:
                                queue_capacity=self.cfg.ray.max_ongoing_requests)
         self.keys = KeyStore(self.cfg.keys) if self.cfg.keys is not None else None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="edgeft-infer")  # one session.run at a time
-        self.batched.set_max_batch_size(self.cfg.max_batch_size)
+        # Ray batches requests (each may hold many texts), and never more than a replica takes at once
+        self.batched.set_max_batch_size(min(self.cfg.max_batch_size, self.cfg.ray.max_ongoing_requests))
         self.batched.set_batch_wait_timeout_s(self.cfg.max_queue_delay_ms / 1000)
         for i in range(self.cfg.warmup_batches):
             self.runner.predict(WARMUP_TEXTS * (1 + i))
@@ -153,4 +154,26 @@ def app_builder(args: dict[str, Any]):
     manifest = read_manifest(bundle)
     serving = manifest.get("serving") if isinstance(manifest.get("serving"), dict) else None
     cfg = resolve_config(serving, None, list(args.get("set") or []))
+    host = _serve_http_host()
+    if host is not None:  # the same refusal as `edgeft serve`: off loopback only with keys (or said so)
+        from edgeft.serve.server import ServeRefused, check_exposure
+
+        try:
+            check_exposure(cfg.model_copy(update={"host": host}))
+        except ServeRefused as e:
+            raise ServeRefused(e.problem, "add \"keys=/path/to/keyfile\" (from `edgeft keys add`) to the application's "
+                                          "args.set, set http_options.host: 127.0.0.1, or add "
+                                          "\"insecure_no_auth_public=true\" if that is really intended") from None
     return build_application(bundle, cfg)
+
+
+def _serve_http_host() -> str | None:
+    """The host Ray Serve's proxies listen on (http_options.host), when a Serve instance is running.
+    Ray has no public getter for it: this reads its client's copy and gives up quietly otherwise."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return None if client is None else str(client.http_config.host)
+    except Exception:  # a private API: never let a Ray change break serving
+        return None

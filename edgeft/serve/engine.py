@@ -14,8 +14,8 @@ Retry-After). It returns one :class:`Prediction` per text, in order. A cancelled
 ``predict`` (the client left) must not be computed if it has not started yet.
 
 :class:`edgeft.serve.batcher.BatchingEngine` is the built-in engine (one bounded queue,
-one inference worker thread, dynamic batching). A Ray Serve deployment can reuse
-``build_app`` with an engine whose ``predict`` calls a ``@serve.batch`` method instead.
+one inference worker thread, dynamic batching); edgeft.scale.ray_app's replicas serve the same
+``build_app`` with an engine whose ``predict`` calls their ``@serve.batch`` method.
 Engines may report each computed batch to ``Metrics.observe_batch(rows, tokens_per_row)``.
 """
 

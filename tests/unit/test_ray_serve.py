@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from edgeft.cli import cli
 from edgeft.serve.config import resolve_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_helpers import Server, make_bundle  # noqa: E402
+from serve_helpers import Server, env, free_port, make_bundle  # noqa: E402
 
 TEXTS = ["a great movie", "awful plot and a dull actor", "the film", "x " * 300]
 
@@ -194,13 +196,86 @@ def test_ray_bad_input_gets_the_same_statuses(ray_server, embedded, keyfile, cas
     assert _infer(ray_server.url, ["still serving"], auth).status_code == 200
 
 
-def test_ray_sigterm_drains_and_exits_0(bundle, tmp_path):
+def test_ray_back_pressure_is_503_and_sigterm_exits_0(bundle, tmp_path):
+    """max_ongoing_requests 1 + max_queued_requests 1: a burst of 24 gets 200s and 503s, nothing else;
+    the server answers afterwards, and SIGTERM drains and exits 0."""
     pytest.importorskip("ray.serve")
     server = Server(bundle, tmp_path / "ray.log", "--engine", "ray", "--set", "ray.num_cpus=1",
-                    "--set", "ray.replica_cpus=1", "--set", "threads=1").wait_ready(timeout=180)
-    assert _infer(server.url, ["hello"]).status_code == 200
-    assert server.stop(timeout=60) == 0
+                    "--set", "ray.replica_cpus=1", "--set", "threads=1", "--set", "ray.max_ongoing_requests=1",
+                    "--set", "ray.max_queued_requests=1").wait_ready(timeout=180)
+    texts = ["a long and winding review of a film " * 8] * 256
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
+            rs = await asyncio.gather(*(client.post(f"{server.url}/v2/models/tiny/infer", json=body) for _ in range(24)))
+        return [r.status_code for r in rs]
+
+    try:
+        codes = asyncio.run(burst())
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+        assert _infer(server.url, ["hello"]).status_code == 200
+    finally:
+        assert server.stop(timeout=60) == 0
     assert '"stopped"' in server.log()
+
+
+def _serve_run(bundle: Path, tmp_path: Path, host: str, port: int, extra_set: list[str]):
+    """`serve run ray/serve_config.yaml` from the bundle folder, as the file's header says."""
+    import subprocess
+
+    from edgeft.bundle import sums_text
+    from edgeft.scale.ray_serve import ray_part
+
+    b = Path(shutil.copytree(bundle, tmp_path / "b"))
+    ray_part(SimpleNamespace(stage=b, name="tiny", manifest={"serving": {}}))
+    (b / "SHA256SUMS").write_text(sums_text(b))
+    cfg = yaml.safe_load((b / "ray" / "serve_config.yaml").read_text())
+    cfg["http_options"].update(host=host, port=port)
+    cfg["applications"][0]["args"]["set"] = extra_set
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    serve_bin = Path(sys.executable).with_name("serve")
+    log = open(tmp_path / "serve-run.log", "wb")
+    return subprocess.Popen([str(serve_bin), "run", str(tmp_path / "serve.yaml")], cwd=b, env=env(),
+                            stdout=log, stderr=subprocess.STDOUT), tmp_path / "serve-run.log"
+
+
+def test_serve_run_with_the_bundles_config(bundle, embedded, keyfile, tmp_path):
+    pytest.importorskip("ray.serve")
+    port = free_port()
+    proc, log = _serve_run(bundle, tmp_path, "127.0.0.1", port, ["threads=1", f"keys={keyfile[0]}"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t_end = time.monotonic() + 180
+        while time.monotonic() < t_end and proc.poll() is None:
+            try:
+                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        auth = {"Authorization": f"Bearer {keyfile[1]}"}
+        a, b = _infer(url, TEXTS, auth), _infer(embedded.url, TEXTS, auth)
+        assert a.status_code == 200, log.read_text(errors="replace")[-2000:]
+        np.testing.assert_allclose(a.json()["outputs"][0]["data"], b.json()["outputs"][0]["data"], atol=1e-5)
+        assert _infer(url, TEXTS).status_code == 401  # the keys given in args.set are enforced
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+
+
+def test_serve_run_refuses_a_public_host_without_keys(bundle, tmp_path):
+    pytest.importorskip("ray.serve")
+    proc, log = _serve_run(bundle, tmp_path, "0.0.0.0", free_port(), ["threads=1"])
+    try:
+        t_end = time.monotonic() + 120
+        while time.monotonic() < t_end and "refusing to listen on 0.0.0.0" not in log.read_text(errors="replace"):
+            time.sleep(0.5)
+        assert "refusing to listen on 0.0.0.0 without API keys" in log.read_text(errors="replace")
+        assert "args.set" in log.read_text(errors="replace")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
 
 
 @pytest.mark.slow
