@@ -70,10 +70,16 @@ def _guard(fn):
     return wrapper
 
 
-def _recipe(path: str | None, overrides: tuple[str, ...], extra: list[str] | None = None):
+def _recipe(path: str | None, overrides: tuple[str, ...], extra: list[str] | None = None, *,
+            text_generation: bool = False):
+    """The recipe; a text-generation one only where the command takes it (``edgeft run``, ``edgeft recipe``)."""
     from edgeft.recipe import load_recipe
 
-    return load_recipe(path, list(overrides) + (extra or []))
+    r = load_recipe(path, list(overrides) + (extra or []))
+    if r.task == "text-generation" and not text_generation:
+        raise EdgeftError("this command takes text-classification recipes; a text-generation recipe runs its "
+                          "stages with `edgeft run`", "use `edgeft run RECIPE` (stages: compress, bench)")
+    return r
 
 
 recipe_arg = click.argument("recipe", required=False, type=click.Path(dir_okay=False))
@@ -344,7 +350,16 @@ def run_cmd(recipe, overrides, out, force, quiet):
 
     from edgeft.errors import GoalMissed
 
-    r = _recipe(recipe, overrides)
+    r = _recipe(recipe, overrides, text_generation=True)
+    if r.task == "text-generation":
+        from edgeft.decoder.pipeline import run_decoder
+
+        run_dir = run_decoder(r, out or default_run_dir(r), force=force, show_progress=not quiet)
+        click.echo(printable(run_dir))
+        if not quiet:
+            click.echo(printable(f"next: see {Path(run_dir) / 'bench.md'} and {Path(run_dir) / 'compress' / 'report.json'}"),
+                       err=True)
+        return
     try:
         run_dir = run(r, out or default_run_dir(r), force=force, show_progress=not quiet)
     except GoalMissed as e:
@@ -370,7 +385,7 @@ def recipe_cmd(recipe, overrides, reference):
     if reference:
         click.echo(recipe_reference())
         return
-    click.echo(_recipe(recipe, overrides).to_yaml(), nl=False)
+    click.echo(_recipe(recipe, overrides, text_generation=True).to_yaml(), nl=False)
 
 
 @cli.command("serve")

@@ -179,6 +179,9 @@ class BenchConfig(_Strict):
 
 class Recipe(_Strict):
     name: str = Field("minilm-rotten-tomatoes", description="run-folder prefix: letters, digits, '.', '_', '-'")
+    task: Literal["text-classification"] = Field(
+        "text-classification", description="text-classification (this table); text-generation recipes have their own "
+        "schema (edgeft.decoder.recipe; see the README's Decoder LMs)")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="seeds torch, numpy and the data splits")
     stages: list[Literal["finetune", "compress", "bench"]] = Field(default_factory=lambda: list(STAGES))
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -311,8 +314,11 @@ def recipe_from_dict(data: dict, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError("the recipe must be a YAML mapping at the top level", "see recipes/ for examples")
     data = apply_overrides(data, overrides or [])
+    schema: type[BaseModel] = Recipe
+    if data.get("task") == "text-generation":
+        from edgeft.decoder.recipe import DecoderRecipe as schema
     try:
-        return Recipe.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         raise RecipeError(_format_validation_error(e), "fix the recipe or the --set override") from None
 

@@ -92,7 +92,7 @@ class OrtDecoder:
         self.kv_dtype = _NP_TYPES.get(first.type, np.float32)
         heads, head_dim = self._kv_dims(first.shape)
         self.kv_heads, self.head_dim = heads, head_dim
-        self.context = _context_from(self.path.parent)
+        self.context = folder_context_length(self.path.parent)
 
     def _kv_dims(self, shape) -> tuple[int, int]:
         dims = list(shape)
@@ -213,7 +213,7 @@ def _config(folder: Path) -> dict:
         return {}
 
 
-def _context_from(folder: Path) -> int:
+def folder_context_length(folder: Path) -> int:
     cfg = _config(folder)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         if isinstance(cfg.get(key), int) and cfg[key] > 0:

@@ -10,8 +10,10 @@ RECIPES = sorted(Path(__file__).parents[2].joinpath("recipes").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_loads(path, tmp_path):
+    from edgeft.decoder.recipe import DecoderRecipe
+
     r = load_recipe(path)
-    assert isinstance(r, Recipe)
+    assert isinstance(r, DecoderRecipe if r.task == "text-generation" else Recipe)
     # The resolved recipe round-trips through YAML unchanged.
     out = tmp_path / path.name
     out.write_text(r.to_yaml())
@@ -20,7 +22,14 @@ def test_every_shipped_recipe_loads(path, tmp_path):
 
 def test_shipped_defaults_exist():
     names = {p.name for p in RECIPES}
-    assert {"minilm-rotten-tomatoes.yaml", "minilm-20newsgroups.yaml"} <= names
+    assert {"minilm-rotten-tomatoes.yaml", "minilm-20newsgroups.yaml", "smollm2-shakespeare.yaml"} <= names
+
+
+def test_decoder_defaults_are_the_shipped_decoder_recipe():
+    from edgeft.decoder.recipe import DecoderRecipe
+
+    shipped = load_recipe(Path(__file__).parents[2] / "recipes" / "smollm2-shakespeare.yaml")
+    assert shipped.model_dump() == DecoderRecipe().model_dump()
 
 
 @pytest.mark.parametrize("override, message", [
