@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 EDGEFT := $(VENV)/bin/edgeft
 STAMP := $(VENV)/.edgeft-installed
 
-.PHONY: install demo test test-unit bench gate-check serve-bench ray-bench install-gpu clean
+.PHONY: install demo test test-unit bench gate-check serve-bench ray-bench triton-check install-gpu clean
 
 install: $(STAMP)
 
@@ -59,6 +59,11 @@ ray-bench: install
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m pip install -q -e ".[test,builtin,ray]"
 	$(PY) bench/ray_bench.py $(if $(RUN),--run $(RUN))
+
+# A real tritonserver (nvidia-pytriton's: Python backend only) on a generated Triton repository, with the
+# ONNX step through a Python stand-in -> bench/results/<stamp>-triton-real.txt (downloads ~55 MB once).
+triton-check: install
+	bash bench/triton_real.sh
 
 # GPU servers: onnxruntime-gpu replaces onnxruntime (the two packages clash in one environment).
 install-gpu: install
