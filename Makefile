@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 EDGEFT := $(VENV)/bin/edgeft
 STAMP := $(VENV)/.edgeft-installed
 
-.PHONY: install demo test test-unit bench gate-check serve-bench ray-bench triton-check install-gpu clean
+.PHONY: install demo test test-unit bench gate-check serve-bench ray-bench triton-check decoder-bench install-gpu clean
 
 install: $(STAMP)
 
@@ -64,6 +64,15 @@ ray-bench: install
 # ONNX step through a Python stand-in -> bench/results/<stamp>-triton-real.txt (downloads ~55 MB once).
 triton-check: install
 	bash bench/triton_real.sh
+
+# Decoder LMs (issue 11): SmolLM2-135M via torch, edgeft ONNX fp32/int8/int4 and llama.cpp F16/Q8_0/Q4_0/Q4_K_M at
+# 1 and 2 threads, interleaved repeats -> bench/results/<stamp>-decoder.{json,md}. llama.cpp is built once from the
+# llama-cpp-python sdist under runs/llama.cpp/ (~11 min on 2 cores). NO_LLAMA_CPP=1 skips it, REPEATS=1 for a quick
+# check, EXPLORE=1 also scores a set of 4-bit schemes.
+decoder-bench: install
+	command -v cmake >/dev/null || (apt-get update -qq && apt-get install -y -qq cmake g++)
+	$(PY) bench/decoder_bench.py $(if $(REPEATS),--repeats $(REPEATS)) $(if $(NO_LLAMA_CPP),--no-llama-cpp) \
+	  $(if $(EXPLORE),--explore)
 
 # GPU servers: onnxruntime-gpu replaces onnxruntime (the two packages clash in one environment).
 install-gpu: install
