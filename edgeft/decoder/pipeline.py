@@ -1,5 +1,6 @@
 """``edgeft run`` for a text-generation recipe: the stages of a decoder run, in one run folder.
 
+    finetuned/                 the fine-tuned model (adapters merged), metrics.json, generations.json
     compress/onnx_fp32/        the KV-cache export (lm_head untied), validated against torch
     compress/candidates/NAME/  every weight-only candidate, each checked against onnx_fp32
     compress/report.json       export parity, every candidate's check, the choice, test perplexities
@@ -243,6 +244,17 @@ def run_decoder(recipe: DecoderRecipe, run_dir: str | Path, *, force: bool = Fal
                            stages=done, extra={"task": "text-generation", **fields})
 
         with _recorded(manifest) as state:
+            if "finetune" in recipe.stages:
+                from edgeft.decoder.finetune import finetune_decoder
+
+                state["stage"] = "finetune"
+                say(f"finetune: {recipe.finetune.method}, at most {recipe.finetune.max_minutes} min")
+                res = finetune_decoder(inputs.model_dir, inputs.corpus,
+                                       recipe.finetune.model_copy(update={"seed": recipe.seed}), layout.finetuned,
+                                       progress=show_progress)
+                say(f"finetune: validation perplexity {res.perplexity_before:.2f} -> {res.perplexity_after:.2f}")
+                inputs.model_dir = Path(res.out_dir).resolve()  # compress and bench take the fine-tuned model
+                done.append("finetune")
             if "compress" in recipe.stages:
                 state["stage"] = "compress"
                 say("compress: ONNX export with KV cache, then every weight-only scheme, checked on validation")

@@ -11,9 +11,10 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from edgeft.decoder.finetune import DecoderFinetuneConfig
 from edgeft.recipe import NAME_RE, _Strict
 
-DECODER_STAGES = ("compress", "bench")
+DECODER_STAGES = ("finetune", "compress", "bench")
 
 
 class DecoderModelConfig(_Strict):
@@ -70,9 +71,10 @@ class DecoderRecipe(_Strict):
     name: str = Field("smollm2-shakespeare", description="run-folder prefix: letters, digits, '.', '_', '-'")
     task: Literal["text-generation"] = "text-generation"
     seed: int = Field(42, ge=0, le=2**32 - 1, description="seeds the corpus split and sampling")
-    stages: list[Literal["compress", "bench"]] = Field(default_factory=lambda: list(DECODER_STAGES))
+    stages: list[Literal["finetune", "compress", "bench"]] = Field(default_factory=lambda: list(DECODER_STAGES))
     model: DecoderModelConfig = Field(default_factory=DecoderModelConfig)
     data: CorpusConfig = Field(default_factory=CorpusConfig)
+    finetune: DecoderFinetuneConfig = Field(default_factory=DecoderFinetuneConfig)
     compress: DecoderCompressConfig = Field(default_factory=DecoderCompressConfig)
     bench: DecoderBenchConfig = Field(default_factory=DecoderBenchConfig)
 
@@ -90,6 +92,9 @@ class DecoderRecipe(_Strict):
             raise ValueError(f"stages: one or more of {', '.join(DECODER_STAGES)}, each once, in that order")
         if "bench" in self.stages and "compress" not in self.stages:
             raise ValueError("stages: bench measures the compressed variants: keep compress before it")
+        if "finetune" in self.stages and "compress" in self.stages and self.finetune.method == "prefix":
+            raise ValueError("finetune.method: prefix tuning cannot be merged into the weights that compress exports: "
+                             "use lora, adalora, ia3 or full, or run stages: [finetune] (it saves prefix.safetensors)")
         return self
 
     def to_yaml(self) -> str:

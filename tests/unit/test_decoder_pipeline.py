@@ -38,7 +38,8 @@ def _recipe(tmp_path: Path, model: Path, corpus: Path, **extra) -> Path:
             "data": {"corpus": str(corpus), "block_size": 32, "eval_blocks": 2},
             "compress": {"max_perplexity_increase": 1.0, "schemes": [{"bits": 8, "block_size": 16},
                                                                       {"bits": 4, "block_size": 16}]},
-            "bench": {"threads": [1], "prompt_tokens": 8, "new_tokens": 8, "repeats": 2}}
+            "bench": {"threads": [1], "prompt_tokens": 8, "new_tokens": 8, "repeats": 2},
+            "stages": ["compress", "bench"]}
     for k, v in extra.items():
         data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
     path = tmp_path / "recipe.yaml"
@@ -107,3 +108,26 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, edit, message)
     code, text = _run(["run", _recipe(tmp_path, *tiny, **edit), "--out", out, "--quiet"])
     assert code == 2 and message in text and "Traceback" not in text, text
     assert not out.exists()
+
+
+def test_finetune_then_compress_takes_the_fine_tuned_model(tiny, tmp_path):
+    out = tmp_path / "run"
+    path = _recipe(tmp_path, *tiny, stages=["finetune", "compress"],
+                   finetune={"method": "lora", "max_steps": 3, "block_size": 32, "batch_size": 4, "max_eval_blocks": 2,
+                             "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
+                   compress={"schemes": [{"bits": 8, "block_size": 16}]})
+    code, text = _run(["run", path, "--out", out, "--quiet"])
+    assert code == 0, text
+    metrics = json.loads((out / "finetuned" / "metrics.json").read_text())
+    assert metrics["method"] == "lora"
+    rep = json.loads((out / "compress" / "report.json").read_text())
+    assert Path(rep["source_model"]) == (out / "finetuned").resolve()
+    assert json.loads((out / "manifest.json").read_text())["stages"] == ["finetune", "compress"]
+
+
+def test_prefix_tuning_cannot_feed_compress(tiny, tmp_path):
+    from edgeft.errors import RecipeError
+    from edgeft.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="prefix tuning cannot be merged"):
+        load_recipe(_recipe(tmp_path, *tiny, stages=["finetune", "compress"], finetune={"method": "prefix"}))
