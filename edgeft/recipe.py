@@ -25,6 +25,14 @@ OPT_LEVELS = (0, 1, 2, 99)  # ONNX Runtime transformers optimizer levels
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a run-folder name: one path component, no '..'
 
 
+def check_run_name(v: str) -> str:
+    """A recipe name: one path component (the run folder is runs/<name>-<time>)."""
+    if not NAME_RE.fullmatch(v) or ".." in v:
+        raise ValueError(f"{v!r} is not a plain name: use letters, digits, '.', '_' and '-' (no path "
+                         "separators or '..', at most 100 characters); the run folder is runs/<name>-<time>")
+    return v
+
+
 class _Strict(BaseModel):
     # strict: no coercion, so `epochs: true` or `lr: "1"` is an error rather than 1.
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False)
@@ -193,10 +201,7 @@ class Recipe(_Strict):
     @field_validator("name")
     @classmethod
     def _check_name(cls, v: str) -> str:
-        if not NAME_RE.fullmatch(v) or ".." in v:
-            raise ValueError(f"{v!r} is not a plain name: use letters, digits, '.', '_' and '-' (no path "
-                             "separators or '..', at most 100 characters); the run folder is runs/<name>-<time>")
-        return v
+        return check_run_name(v)
 
     @model_validator(mode="after")
     def _check_stages(self) -> Recipe:

@@ -12,7 +12,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from edgeft.decoder.finetune import DecoderFinetuneConfig
-from edgeft.recipe import NAME_RE, _Strict
+from edgeft.recipe import _Strict, check_run_name
 
 DECODER_STAGES = ("finetune", "compress", "bench")
 
@@ -81,9 +81,7 @@ class DecoderRecipe(_Strict):
     @field_validator("name")
     @classmethod
     def _check_name(cls, v: str) -> str:
-        if not NAME_RE.fullmatch(v) or ".." in v:
-            raise ValueError(f"{v!r} is not a plain name: use letters, digits, '.', '_' and '-'")
-        return v
+        return check_run_name(v)
 
     @model_validator(mode="after")
     def _check_stages(self) -> DecoderRecipe:
