@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 EDGEFT := $(VENV)/bin/edgeft
 STAMP := $(VENV)/.edgeft-installed
 
-.PHONY: install demo test test-unit bench gate-check serve-bench ray-bench triton-check decoder-bench install-gpu clean
+.PHONY: install demo test test-unit bench gate-check serve-bench ray-bench triton-check decoder-bench decoder-finetune install-gpu clean
 
 install: $(STAMP)
 
@@ -73,6 +73,11 @@ decoder-bench: install
 	command -v cmake >/dev/null || (apt-get update -qq && apt-get install -y -qq cmake g++)
 	$(PY) bench/decoder_bench.py $(if $(REPEATS),--repeats $(REPEATS)) $(if $(NO_LLAMA_CPP),--no-llama-cpp) \
 	  $(if $(EXPLORE),--explore)
+
+# The decoder recipe's fine-tune stage alone (LoRA on SmolLM2, 12 min budget) against issue 11's target
+# (validation perplexity -20% within 15 min) -> bench/results/<stamp>-decoder-finetune.{json,md}.
+decoder-finetune: install
+	$(PY) bench/decoder_finetune.py
 
 # GPU servers: onnxruntime-gpu replaces onnxruntime (the two packages clash in one environment).
 install-gpu: install
