@@ -46,12 +46,9 @@ SCALE = ["--set", "ray.num_cpus=2", "--set", "ray.replica_cpus=0.5", "--set", "t
 
 
 def replica_log(path: Path) -> list[tuple[float, dict]]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{") and '"replicas ' in line:
-            rec = json.loads(line)
-            out.append((rec["ts"], json.loads(rec["msg"].removeprefix("replicas "))))
-    return out
+    from edgeft.scale.ray_serve import replica_events
+
+    return replica_events(path.read_text(errors="replace"))
 
 
 def first_time(events: list[tuple[float, dict]], after: float, running: int) -> float | None:

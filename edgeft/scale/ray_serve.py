@@ -130,6 +130,16 @@ def check_ray_config(root: str | Path) -> list[str]:
     return problems
 
 
+def replica_events(log_text: str) -> list[tuple[float, dict[str, int]]]:
+    """(unix time, {state: count}) from the "replicas ..." lines run_ray logs (JSON, one per line)."""
+    out = []
+    for line in log_text.splitlines():
+        if line.startswith("{") and '"replicas ' in line:
+            rec = json.loads(line)
+            out.append((rec["ts"], json.loads(rec["msg"].removeprefix("replicas "))))
+    return out
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -7,7 +7,6 @@ bench/ray_bench.py (`make ray-bench`); here only their direction is asserted."""
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import signal
 import sys
@@ -101,16 +100,6 @@ def test_engine_ray_without_ray_names_the_extra(tmp_path, monkeypatch):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "pip install 'edgeft[ray]'" in lines[0] and "Traceback" not in result.output
-
-
-def replica_log(text: str) -> list[tuple[float, dict]]:
-    """(time, {state: count}) from the server's "replicas ..." log lines."""
-    out = []
-    for line in text.splitlines():
-        if line.startswith("{") and '"replicas ' in line:
-            rec = json.loads(line)
-            out.append((rec["ts"], json.loads(rec["msg"].removeprefix("replicas "))))
-    return out
 
 
 # --- a real Ray Serve deployment -------------------------------------------------------------------
@@ -289,8 +278,11 @@ def test_ray_replicas_follow_the_load(bundle, tmp_path):
                     "--set", "ray.look_back_period_s=2", "--set", "ray.metrics_interval_s=1").wait_ready(timeout=180)
     statuses: dict[int, int] = {}
 
+    from edgeft.scale.ray_serve import replica_events
+
     def running() -> int:
-        return replica_log(server.log())[-1][1].get("RUNNING", 0) if replica_log(server.log()) else 0
+        events = replica_events(server.log())
+        return events[-1][1].get("RUNNING", 0) if events else 0
 
     async def load(until: float):
         async with httpx.AsyncClient(timeout=30) as client:
