@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import markdown_header, provenance, write_result  # noqa: E402
+from edgeft.decoder.quantize import onnx_size_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m"
@@ -446,10 +447,6 @@ def mixed_int4(src: Path, dst_dir: Path, *, block: int = 32, symmetric: bool = T
             if p.is_file() and p.suffix not in (".onnx", ".onnx_data", ".data") and not p.name.startswith("."):
                 shutil.copyfile(p, tmp / p.name)
     return dst_dir / "model.onnx"
-
-
-def onnx_size_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.parent.glob("*.onnx*")) / 1e6
 
 
 def prepare_edgeft(work: Path, blocks, with_best: bool = True) -> dict:

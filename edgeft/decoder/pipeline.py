@@ -124,12 +124,6 @@ def _relative(summary: dict[str, Any], root: Path) -> dict[str, Any]:
     return summary
 
 
-def _size_mb(onnx_path: Path) -> float:
-    folder = onnx_path.parent
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and (p.suffix in (".onnx", ".data")
-                                                                              or p.name.startswith(onnx_path.name))) / 1e6
-
-
 def bench_decoder(inputs: DecoderInputs, compress_dir: Path, cfg: DecoderBenchConfig, out_json: Path,
                   out_md: Path, *, progress=None) -> dict[str, Any]:
     """Greedy generation (batch 1) of every variant at every thread count, interleaved over
@@ -140,6 +134,7 @@ def bench_decoder(inputs: DecoderInputs, compress_dir: Path, cfg: DecoderBenchCo
     from edgeft.decoder.evaluate import ort_perplexity, torch_perplexity
     from edgeft.decoder.generate import OrtDecoder, torch_greedy
     from edgeft.decoder.model import load_causal_lm
+    from edgeft.decoder.quantize import onnx_size_mb
 
     report = json.loads((compress_dir / "report.json").read_text(encoding="utf-8"))
     onnx_variants = {FP32: compress_dir / FP32 / "model.onnx"}
@@ -181,7 +176,7 @@ def bench_decoder(inputs: DecoderInputs, compress_dir: Path, cfg: DecoderBenchCo
         ppl["torch_fp32"] = torch_perplexity(torch_model, inputs.test).perplexity
     for name, path in onnx_variants.items():
         ppl[name] = ort_perplexity(OrtDecoder(path, threads=max(cfg.threads)), inputs.test).perplexity
-    sizes = {name: _size_mb(path) for name, path in onnx_variants.items()}
+    sizes = {name: onnx_size_mb(path) for name, path in onnx_variants.items()}
     if torch_model is not None:
         sizes["torch_fp32"] = sum(p.stat().st_size for p in inputs.model_dir.glob("*.safetensors")) / 1e6
     table = []

@@ -255,6 +255,14 @@ def parent_reference(parent_onnx: str | Path, blocks: np.ndarray, prompts: list[
                                                                             for p in prompts], prompts, new_tokens)
 
 
+def onnx_size_mb(path: str | Path) -> float:
+    """An exported model's size in MB: the .onnx file and its external data beside it (``model.onnx_data``)."""
+    from edgeft.hardware import MB
+
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file() and p.name.startswith(path.name)) / MB
+
+
 def check_candidate(path: str | Path, parent: ParentReference, blocks: np.ndarray, *, name: str | None = None,
                     scheme: WeightOnlyScheme | None = None, measure_speed: bool = True,
                     threads: int | None = None) -> CandidateCheck:
@@ -262,7 +270,6 @@ def check_candidate(path: str | Path, parent: ParentReference, blocks: np.ndarra
     tok/s on the first prompt). Garbage is marked ``rejected`` (see the module docstring)."""
     from edgeft.decoder.evaluate import ort_perplexity, top1_agreement
     from edgeft.decoder.generate import OrtDecoder, common_prefix
-    from edgeft.export import model_size_mb
 
     path = Path(path)
     dec = OrtDecoder(path, threads=threads)
@@ -284,8 +291,7 @@ def check_candidate(path: str | Path, parent: ParentReference, blocks: np.ndarra
         problems.append(f"perplexity {value:.4g} is more than {1 + MAX_SANE_INCREASE:g}x the parent's {base:.4g}")
     if agree < MIN_TOP1_AGREEMENT:
         problems.append(f"next-token agreement with the parent {agree:.3f} < {MIN_TOP1_AGREEMENT}")
-    size = sum(p.stat().st_size for p in path.parent.glob("*.onnx*")) / 1e6 if path.parent.is_dir() \
-        else model_size_mb(path)
+    size = onnx_size_mb(path)
     return CandidateCheck(name or path.parent.name, str(path), size, value, base, increase, agree,
                           float(np.mean(prefixes)) if prefixes else 1.0, speed, bool(problems), problems,
                           scheme.describe() if scheme else None)
