@@ -523,12 +523,9 @@ def explore_int4(work: Path, fp32: Path, blocks, prompts: dict, base_ppl: float)
 
 
 def _nll(logits, block):
-    import numpy as np
+    from edgeft.decoder.evaluate import token_nll
 
-    lg = np.asarray(logits, dtype=np.float64)[0, :-1]
-    m = lg.max(-1, keepdims=True)
-    lse = (m[:, 0] + np.log(np.exp(lg - m).sum(-1)))
-    return lse - lg[np.arange(len(lg)), block[1:]]
+    return token_nll(logits, block[None])[0]
 
 
 def ort_ppl(dec, blocks) -> dict:

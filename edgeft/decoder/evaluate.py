@@ -51,6 +51,17 @@ def score_logits(logits, blocks: np.ndarray) -> tuple[float, np.ndarray]:
     return float(nll), lg.argmax(-1).numpy()
 
 
+def token_nll(logits, blocks: np.ndarray) -> np.ndarray:
+    """Per-token NLL [b, s-1] (float64) of ``logits`` [b, s, vocab] predicting ``blocks[:, 1:]``: for
+    scoring rules other than the mean over every position (e.g. llama-perplexity's second half)."""
+    import torch
+
+    lg = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits).double()[:, :-1]
+    target = torch.as_tensor(np.asarray(blocks)[:, 1:])
+    nll = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.reshape(-1), reduction="none")
+    return nll.reshape(target.shape).numpy()
+
+
 def _perplexity(logits_fn, blocks: np.ndarray, batch_size: int) -> Perplexity:
     blocks = _check_blocks(blocks)
     total, preds = 0.0, []
