@@ -74,3 +74,18 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama + byte-level BPE tokenizer (tests/unit/test_decoder_tiny.py), built once; read-only."""
+    from test_decoder_tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tok(tiny_llama):
+    from edgeft.decoder.model import load_tokenizer
+
+    return load_tokenizer(tiny_llama)

@@ -11,19 +11,17 @@ import numpy as np
 import pytest
 
 from edgeft.errors import DataError, EdgeftError, ModelError
-from test_decoder_tiny import TEXT, make_tiny_llama
+from test_decoder_tiny import TEXT
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+def tiny(tiny_llama):
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
-def tok(tiny):
-    from edgeft.decoder.model import load_tokenizer
-
-    return load_tokenizer(tiny)
+def tok(tiny_llama_tok):
+    return tiny_llama_tok
 
 
 @pytest.fixture(scope="module")

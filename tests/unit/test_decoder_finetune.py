@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgeft.errors import DataError, EdgeftError, ModelError, RecipeError, RunDirError
-from test_decoder_tiny import TEXT, make_tiny_llama
+from test_decoder_tiny import TEXT
 
 BLOCK = 32
 # Learning rates that move each method clearly within a few steps on the toy corpus.
@@ -21,15 +21,13 @@ LR = {"full": 3e-3, "lora": 1e-2, "adalora": 1e-1, "ia3": 1e-1, "prefix": 5e-2}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+def tiny(tiny_llama):
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
-def tok(tiny):
-    from edgeft.decoder.model import load_tokenizer
-
-    return load_tokenizer(tiny)
+def tok(tiny_llama_tok):
+    return tiny_llama_tok
 
 
 @pytest.fixture(scope="module")
