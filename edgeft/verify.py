@@ -206,6 +206,9 @@ def _threads(manifest: dict[str, Any], notes: list[str]) -> int:
 def _scale_checks(root: Path, manifest: dict[str, Any], require: tuple[str, ...]) -> list[Check]:
     """Offline checks of the scale-out files the bundle holds (or ``require`` demands): the Ray Serve
     config, the Triton repository, the Kubernetes manifests. Nothing here starts a cluster."""
+    import importlib
+    import importlib.util
+
     from edgeft.bundle import RAY_CONFIG
 
     checks = []
@@ -215,9 +218,6 @@ def _scale_checks(root: Path, manifest: dict[str, Any], require: tuple[str, ...]
     for kind, (module, func, present) in kinds.items():
         if not present and kind not in require:
             continue
-        import importlib
-        import importlib.util
-
         detail = "valid (checked offline)"
         kwargs = {}
         if kind == "kubernetes" and importlib.util.find_spec("kubernetes_validate") is None:
