@@ -1,6 +1,8 @@
 """Decoder LMs side by side in one run (`make decoder-bench`): SmolLM2-135M (the built-in `smollm2-135m`)
-through torch, edgeft's ONNX path (fp32, weight-only 8-bit and 4-bit) and llama.cpp (F16, Q8_0, Q4_0,
-Q4_K_M), at 1 and 2 threads, on the same machine, interleaved.
+through torch, edgeft's ONNX path (the fused fp32 export and the built-in recipe's weight-only 8-bit and
+4-bit candidates, plus optimum's fp32 graph for comparison), onnxruntime-genai's own generate loop over
+the same 8- and 4-bit models, and llama.cpp (F16, Q8_0, Q4_0, Q4_K_M), at 1 and 2 threads, on the same
+machine, interleaved.
 
     python bench/decoder_bench.py [--repeats 3] [--threads 1,2] [--new-tokens 64] [--no-llama-cpp]
                                   [--explore] [--out bench/results]
@@ -53,8 +55,12 @@ GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
 PPL_CTX = 256                          # perplexity: 4 blocks of 256 tokens (llama-perplexity -c 256)
 PPL_BLOCKS = 4
 SHORT_PROMPT, LONG_PROMPT = 32, 256
-TORCH, ORT_FP32, INT8, INT4 = "torch fp32", "edgeft ORT fp32", "edgeft int8 b32 sym", "edgeft int4 rtn b32 sym"
-INT4_BEST = "edgeft int4 hqq b32 asym, emb int4"  # the one 4-bit scheme --explore found within +10% ppl
+INT8_PREFIX = "edgeft int8"
+TORCH, ORT_FP32, INT8, INT4 = "torch fp32", "edgeft ORT fp32", f"{INT8_PREFIX} b128", "edgeft int4 rtn b32, all 4-bit"
+OPTIMUM_FP32 = "edgeft ORT fp32, optimum graph"  # the export before the fused one: what the graph is worth
+INT4_MIXED = "edgeft int4 k-quant, lm_head + Q4_K_M layers int8"
+INT4_HQQ = "edgeft int4 hqq b32 asym"  # float zero points: ORT's slow kernel (quality reference)
+GENAI = "onnxruntime-genai"  # its own generate loop over edgeft's fused models (row prefix)
 LLAMA_Q8 = "llama.cpp Q8_0"
 TARGETS = {"best_max_ppl_increase": 0.02, "vs_llama_q8": 0.8, "vs_torch": 2.0,
            "int4_max_ppl_increase": 0.10, "int4_max_size_mb": 100.0}
@@ -315,6 +321,13 @@ def worker(spec: dict) -> dict:
 
         def gen(ids, n):
             return torch_greedy(model, ids, n)
+    elif spec["kind"] == "genai":
+        from edgeft.decoder.genai import GenaiGenerator
+
+        gg = GenaiGenerator(Path(spec["path"]).parent, threads=threads)
+
+        def gen(ids, n):
+            return gg.generate(ids, n)
     else:
         from edgeft.decoder.generate import OrtDecoder
 
@@ -402,123 +415,78 @@ def hamlet_tokens(tok, n: int, offset_chars: int = 0) -> list[int]:
     return tok(text[offset_chars:offset_chars + 12 * n], add_special_tokens=False)["input_ids"][:n]
 
 
-def mixed_int4(src: Path, dst_dir: Path, *, block: int = 32, symmetric: bool = True, head_bits: int = 8,
-               embedding: bool = True) -> Path:
-    """4-bit MatMuls but the lm_head at ``head_bits`` (a second pass quantizes the one MatMul left), the
-    embedding Gather to 4 bits when ``embedding``; accuracy_level 4 everywhere."""
-    import contextlib
-    import io
-    import warnings
-
-    import onnx
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
-
-    from edgeft.artifacts import atomic_dir
-    from edgeft.decoder.quantize import _silence, set_accuracy_level
-    from edgeft.export import quiet_logs
-    from edgeft.safeio import load_onnx_checked
-
-    model = load_onnx_checked(src)
-    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name]
-    if not head:
-        raise RuntimeError(f"no lm_head MatMul in {src}")
-
-    def q(m, bits, ops, exclude=None):
-        cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, accuracy_level=4, bits=bits,
-                                               op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
-        with quiet_logs(), _silence(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            qq = mnq.MatMulNBitsQuantizer(m, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=4,
-                                          nodes_to_exclude=exclude, algo_config=cfg)
-            qq.process()
-        return qq.model.model if hasattr(qq.model, "model") else qq.model
-
-    out = q(model, 4, ("MatMul",), exclude=head)
-    if head_bits != 4:
-        out = q(out, head_bits, ("MatMul",))
-    if embedding:
-        out = q(out, 4, ("Gather",))
-    set_accuracy_level(out, 4)
-    if not any(o.domain == "com.microsoft" for o in out.opset_import):
-        out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    with atomic_dir(dst_dir) as tmp:
-        onnx.save_model(out, str(tmp / "model.onnx"))
-        for p in src.parent.iterdir():
-            if p.is_file() and p.suffix not in (".onnx", ".onnx_data", ".data") and not p.name.startswith("."):
-                shutil.copyfile(p, tmp / p.name)
-    return dst_dir / "model.onnx"
-
-
 def prepare_edgeft(work: Path, blocks, with_best: bool = True) -> dict:
-    """{variant: {kind, path, bits, scheme}}: the HF folder, its validated ONNX export and the quantized
-    models (each made once, cached under ``work``)."""
+    """{variant: {kind, path, bits, scheme}}: the HF folder, its validated exports (the fused one, which
+    edgeft ships, and optimum's) and the candidates of the built-in recipe's compress stage, built the way
+    ``edgeft run`` builds them (each made once, cached under ``work``); plus the onnxruntime-genai runtime
+    over the 8-bit and the mixed 4-bit models. ``with_best`` adds the HQQ 4-bit (float zero points)."""
     from edgeft.decoder.export import export_decoder
     from edgeft.decoder.model import resolve_decoder
     from edgeft.decoder.quantize import WeightOnlyScheme, quantize_weight_only
+    from edgeft.decoder.recipe import DecoderRecipe
 
     hf = resolve_decoder(MODEL)
-    fp32 = work / "onnx-fp32" / "model.onnx"
-    if not fp32.is_file():
-        log("exporting the ONNX decoder (validated against torch)")
-        export_decoder(hf, fp32.parent, blocks=blocks, threads=2)
+    fp32 = work / "fused-fp32" / "model.onnx"
+    optimum = work / "onnx-fp32" / "model.onnx"
+    for path, exporter in ((fp32, "genai"), (optimum, "optimum")):
+        if not path.is_file():
+            log(f"exporting the ONNX decoder with {exporter} (validated against torch)")
+            export_decoder(hf, path.parent, blocks=blocks, threads=2, exporter=exporter)
     out = {TORCH: {"kind": "torch", "path": str(hf), "bits": 32},
+           OPTIMUM_FP32: {"kind": "ort", "path": str(optimum), "bits": 32},
            ORT_FP32: {"kind": "ort", "path": str(fp32), "bits": 32}}
-    for name, scheme in ((INT8, WeightOnlyScheme(bits=8, block_size=32, symmetric=True, accuracy_level=4)),
-                         (INT4, WeightOnlyScheme(bits=4, block_size=32, symmetric=True, accuracy_level=4))):
-        path = work / scheme.name / "model.onnx"
+    schemes = [WeightOnlyScheme(**c.model_dump()) for c in DecoderRecipe().compress.schemes]
+    for scheme in schemes:
+        name = INT4_MIXED if scheme.int8_groups else {4: INT4, 8: f"{INT8_PREFIX} b{scheme.block_size}"}[scheme.bits]
+        path = work / f"fused-{scheme.name}" / "model.onnx"
         if not path.is_file():
             log(f"quantizing {scheme.name}")
-            quantize_weight_only(fp32, path.parent, scheme)
+            quantize_weight_only(fp32, path.parent, scheme, source_model=hf)
         out[name] = {"kind": "ort", "path": str(path), "bits": scheme.bits, "scheme": scheme.describe()}
     if with_best:
-        scheme = WeightOnlyScheme(bits=4, block_size=32, symmetric=False, algorithm="hqq", embedding=True,
-                                  accuracy_level=4)
-        path = work / scheme.name / "model.onnx"
+        scheme = WeightOnlyScheme(bits=4, block_size=32, symmetric=False, algorithm="hqq", accuracy_level=4)
+        path = work / f"fused-{scheme.name}" / "model.onnx"
         if not path.is_file():
-            log(f"quantizing {scheme.name} (HQQ: about a minute)")
-            quantize_weight_only(fp32, path.parent, scheme)
-        out[INT4_BEST] = {"kind": "ort", "path": str(path), "bits": 4, "scheme": scheme.describe()}
+            log(f"quantizing {scheme.name} (HQQ)")
+            quantize_weight_only(fp32, path.parent, scheme, source_model=hf)
+        out[INT4_HQQ] = {"kind": "ort", "path": str(path), "bits": 4, "scheme": scheme.describe()}
+    for name in (INT8, INT4_MIXED):  # the genai runtime over the shipped 8-bit model and the mixed 4-bit
+        if name in out:
+            out[f"{GENAI} {name.removeprefix('edgeft ')}"] = {**out[name], "kind": "genai"}
     return out
 
 
-def explore_int4(work: Path, fp32: Path, blocks, prompts: dict, base_ppl: float) -> list[dict]:
-    """Quantize and score a few 4-bit schemes (perplexity, size, one 64-token decode at 2 threads)."""
+def explore_int4(work: Path, fp32: Path, hf: Path, blocks, prompts: dict, base_ppl: float) -> list[dict]:
+    """Quantize and score a set of 4-bit schemes on the fused export (perplexity, size, one 64-token decode
+    at 2 threads): what the built-in recipe's 4-bit candidates were chosen from."""
     from edgeft.decoder.generate import OrtDecoder
-    from edgeft.decoder.quantize import WeightOnlyScheme, quantize_weight_only
+    from edgeft.decoder.quantize import WeightOnlyScheme as W, quantize_weight_only
 
-    W = WeightOnlyScheme
-    plans = [("rtn b32 sym", lambda d: quantize_weight_only(fp32, d, W(bits=4, block_size=32))),
-             ("rtn b32 asym", lambda d: quantize_weight_only(fp32, d, W(bits=4, block_size=32, symmetric=False))),
-             ("rtn b16 sym", lambda d: quantize_weight_only(fp32, d, W(bits=4, block_size=16))),
-             ("rtn b32 sym, accuracy_level 0 (fp32 compute)",
-              lambda d: quantize_weight_only(fp32, d, W(bits=4, block_size=32, accuracy_level=None))),
-             ("rtn b32 sym + embedding 4-bit", lambda d: quantize_weight_only(fp32, d, W(bits=4, block_size=32,
-                                                                                     embedding=True))),
-             ("rtn b32 sym, lm_head int8, embedding fp32", lambda d: mixed_int4(fp32, d, embedding=False)),
-             ("rtn b32 sym, lm_head int8, embedding 4-bit", lambda d: mixed_int4(fp32, d)),
-             ("rtn b32 asym, lm_head int8, embedding 4-bit", lambda d: mixed_int4(fp32, d, symmetric=False)),
-             ("rtn b64 sym, lm_head int8, embedding 4-bit", lambda d: mixed_int4(fp32, d, block=64)),
-             ("hqq b32 asym", lambda d: quantize_weight_only(fp32, d, W(bits=4, block_size=32, algorithm="hqq",
-                                                                        symmetric=False)))]
+    plans = [W(bits=4, embedding=True), W(bits=4, symmetric=False, embedding=True),
+             W(bits=4, algorithm="k_quant", embedding=True), W(bits=4, block_size=16, algorithm="k_quant", embedding=True),
+             W(bits=4, algorithm="k_quant", embedding=True, int8_groups=("last_matmul",)),
+             W(bits=4, algorithm="k_quant", embedding=True, int8_groups=("mixed_layers",)),
+             W(bits=4, algorithm="k_quant", embedding=True, int8_groups=("last_matmul", "mixed_layers")),
+             W(bits=4, symmetric=False, algorithm="hqq")]
     rows = []
-    for i, (name, make) in enumerate(plans):
-        d = work / "explore" / f"s{i}"
+    for scheme in plans:
+        d = work / "explore" / f"fused-{scheme.name}"
         t0 = time.perf_counter()
         try:
             path = d / "model.onnx"
             qs = None  # cached from an earlier run
             if not path.is_file():
-                make(d)
+                quantize_weight_only(fp32, d, scheme, source_model=hf)
                 qs = time.perf_counter() - t0
             dec = OrtDecoder(path, threads=2)
             ppl = ort_ppl(dec, blocks)["all_positions"]
             dec.generate(prompts["short"], 8)
             tps = dec.generate(prompts["short"], 64).decode_tok_s
-            rows.append({"name": name, "size_mb": onnx_size_mb(path), "perplexity": ppl,
+            rows.append({"name": scheme.name, "size_mb": onnx_size_mb(path), "perplexity": ppl,
                          "ppl_increase": (ppl - base_ppl) / base_ppl, "decode_tok_s": tps, "quantize_s": qs})
         except Exception as e:  # noqa: BLE001 - an exploration row that fails is recorded, not fatal
-            rows.append({"name": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-        log(f"explore {name}: {rows[-1]}")
+            rows.append({"name": scheme.name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        log(f"explore {scheme.name}: {rows[-1]}")
     return rows
 
 
@@ -691,13 +659,22 @@ NOTES = [
     "model that picks the other one scores 0 there. It is not a quality figure; the perplexity is.",
     "Threads: ONNX Runtime intra-op threads (spinning on, inter-op 1); torch.set_num_threads; llama-bench -t.",
     "Weights: the built-in model is a Q4_1 GGUF dequantized to fp32 by transformers; every variant (and the "
-    "llama.cpp F16 GGUF made from that HF folder) starts from these weights, so llama.cpp's Q4_0 re-quantizes "
-    "already-4-bit weights, as edgeft's int4 does. edgeft's ONNX models have the lm_head untied (its own "
-    "copy of the embedding, quantized with the MatMuls); the GGUF keeps it tied (one tensor).",
+    "llama.cpp F16 GGUF made from that HF folder) starts from these weights, so every 4-bit variant re-quantizes "
+    "already-4-bit weights. Q4_1 keeps a float minimum per block of 32; MatMulNBits' fast kernels take integer "
+    "zero points, which cannot land on that grid (the rounding shifts each block by up to half a step), while "
+    "llama.cpp's Q4_K keeps a 6-bit scaled minimum per sub-block.",
+    "edgeft's fused models (onnxruntime-genai's builder) keep the lm_head tied: its 4-bit models share one "
+    "quantized matrix between the embedding (GatherBlockQuantized) and the lm_head; the 8-bit one keeps the "
+    "embedding in fp32 (the builder quantizes a shared embedding at 4 bits only). The optimum graph row is "
+    "the fp32 export edgeft used before (7,425 nodes vs 341).",
+    "onnxruntime-genai rows: its Generator (greedy, min_length = max_length so it never stops early) over the "
+    "same model files as the edgeft rows of that name; timed the same way around append_tokens and "
+    "generate_next_token. It keeps a static KV buffer (past_present_share_buffer); edgeft's loop binds growing "
+    "past/present OrtValues.",
     "Size on disk: edgeft = the model.onnx (+ external data) files; llama.cpp = the .gguf file.",
     "edgeft int4 hqq: ORT's HQQ writes float zero points into MatMulNBits; ORT 1.32's int8-compute kernel "
     "(accuracy_level 4) does not take them, so it runs the slow dequantize-to-fp32 path whatever "
-    "accuracy_level says. The RTN variants have uint8 zero points (or none: symmetric) and the fast path.",
+    "accuracy_level says. The RTN and k-quant variants have integer zero points (or none) and the fast path.",
 ]
 
 
@@ -711,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--no-llama-cpp", action="store_true")
-    ap.add_argument("--no-best-int4", action="store_true", help="leave out the mixed int4 (lm_head int8) variant")
+    ap.add_argument("--no-best-int4", action="store_true", help="leave out the HQQ int4 (float zero points) variant")
     ap.add_argument("--explore", action="store_true", help="also quantize and score a set of 4-bit schemes")
     ap.add_argument("--prepare-only", action="store_true", help="make the models (and llama.cpp), measure nothing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -729,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.time()
     prov = provenance("bench/decoder_bench.py", argv, ("onnxruntime", "onnx", "numpy", "torch", "transformers",
-                                                      "optimum-onnx", "gguf"))  # at the start: its load average
+                                                      "optimum-onnx", "onnxruntime-genai", "gguf"))  # at the start: its load average
     hf = resolve_decoder(MODEL)
     tok = load_tokenizer(hf)
     ids = hamlet_tokens(tok, PPL_CTX * PPL_BLOCKS + 64)
@@ -776,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
             res = torch_ppl(load_causal_lm(p), blocks)
             size = sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e6
             ppl, ppl_l = res["all_positions"], res["second_half"]
-        elif v["kind"] == "ort":
+        elif v["kind"] in ("ort", "genai"):  # a genai row runs the same model file as its edgeft twin
             res = ort_ppl(OrtDecoder(p, threads=max(threads)), blocks)
             size, ppl, ppl_l = onnx_size_mb(p), res["all_positions"], res["second_half"]
         else:
@@ -846,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     explore = None
     if a.explore:
         log("exploring 4-bit schemes")
-        explore = explore_int4(a.work, Path(variants[ORT_FP32]["path"]), blocks, prompts,
+        explore = explore_int4(a.work, Path(variants[ORT_FP32]["path"]), hf, blocks, prompts,
                                static[ORT_FP32]["perplexity"])
     ver = verdicts(table, tkeys)
     for r in rounds:  # keep the result file lean: token lists only once (above)

@@ -1,8 +1,17 @@
-"""ONNX export of a causal LM with KV cache (optimum's ``text-generation-with-past``), validated.
+"""ONNX export of a causal LM with KV cache, validated.
 
-The lm_head is untied from the embedding first: tied, the exporter writes it as a transpose of the
-embedding, which weight-only quantizers leave in fp32 (the largest matrix of a small LM). The
-export is validated against torch and the folder is only put in place when every check passes:
+Two exporters (``exporter``):
+
+- ``genai`` (the default): onnxruntime-genai's model builder (edgeft.decoder.genai), ONNX Runtime's
+  fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization): 341 nodes for SmolLM2-135M,
+  about 2x optimum's decode speed. Llama-family models only; it keeps a tied lm_head tied (its
+  quantizer shares one quantized matrix between the embedding and the lm_head).
+- ``optimum``: optimum's ``text-generation-with-past`` (any causal LM optimum supports; 7,425 nodes
+  for SmolLM2). The lm_head is untied from the embedding first: tied, the exporter writes it as a
+  transpose of the embedding, which weight-only quantizers leave in fp32 (the largest matrix of a
+  small LM).
+
+Either export is validated against torch and the folder is only put in place when every check passes:
 greedy tokens equal torch on fixed prompts, perplexity within ``ppl_rtol`` (relative) on token
 blocks. A failed check raises; nothing is written.
 """
@@ -32,6 +41,7 @@ DEFAULT_PROMPTS = (
 )
 DEFAULT_NEW_TOKENS = 32
 DEFAULT_PPL_RTOL = 1e-3
+EXPORTERS = ("genai", "optimum")
 
 
 @dataclass
@@ -120,39 +130,50 @@ def _optimum_export(src: Path, dst: Path, opset: int | None) -> None:
 def export_decoder(model_dir: str | Path, out_dir: str | Path, *, blocks: np.ndarray | None = None,
                    prompts: list[list[int]] | None = None, new_tokens: int = DEFAULT_NEW_TOKENS,
                    ppl_rtol: float = DEFAULT_PPL_RTOL, opset: int | None = None,
-                   threads: int | None = None) -> tuple[Path, ParityReport]:
-    """Export the causal LM in ``model_dir`` to ``out_dir/model.onnx`` (KV cache, lm_head untied)
-    with its config and tokenizer beside it, validated against torch (see :func:`compare_with_torch`;
+                   threads: int | None = None, exporter: str = "genai") -> tuple[Path, ParityReport]:
+    """Export the causal LM in ``model_dir`` to ``out_dir/model.onnx`` (KV cache) with ``exporter``
+    (see the module docstring), its config and tokenizer beside it, validated against torch (see :func:`compare_with_torch`;
     ``blocks`` default to one block of the fixed prompts, ``prompts`` to :data:`DEFAULT_PROMPTS`).
     A failed validation raises ModelError and leaves ``out_dir`` as it was."""
     from edgeft.artifacts import atomic_dir, write_json_atomic
     from edgeft.decoder.model import load_causal_lm, load_tokenizer, untie_lm_head
     from edgeft.safeio import check_hf_folder
 
+    if exporter not in EXPORTERS:
+        raise ModelError(f"decoder exporter '{exporter}' is not known", f"use one of {', '.join(EXPORTERS)}")
+    if exporter == "genai":
+        from edgeft.decoder import genai
+
+        genai.require()
     model_dir, out_dir = check_hf_folder(model_dir), Path(out_dir)
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)
     prompts = prompts if prompts is not None else prompt_ids(tok)
     blocks = blocks if blocks is not None else default_blocks(tok)
     with atomic_dir(out_dir) as tmp:
-        src = tmp / ".untied"
-        tied = untie_lm_head(model)
-        model.save_pretrained(src, safe_serialization=True)
-        tok.save_pretrained(src)
-        _optimum_export(src, tmp / ".export", opset)
         produced = tmp / ".export"
+        if exporter == "genai":
+            genai.build(model_dir, produced)
+            untied = False
+        else:
+            src = tmp / ".untied"
+            untied = untie_lm_head(model)
+            model.save_pretrained(src, safe_serialization=True)
+            tok.save_pretrained(src)
+            _optimum_export(src, produced, opset)
+            shutil.rmtree(src, ignore_errors=True)
         if not (produced / ONNX_NAME).is_file():
             raise ModelError(f"ONNX export of {model_dir} produced no {ONNX_NAME}", "check the model folder")
         for p in produced.iterdir():
             shutil.move(str(p), tmp / p.name)
         shutil.rmtree(produced, ignore_errors=True)
-        shutil.rmtree(src, ignore_errors=True)
         report = compare_with_torch(model, tmp / ONNX_NAME, prompts, blocks, new_tokens=new_tokens,
                                     ppl_rtol=ppl_rtol, threads=threads)
         if not report.ok:
             raise ModelError(f"the ONNX export of {model_dir} does not match torch: {'; '.join(report.problems)}",
                              "report it as an edgeft bug; the export was not written")
         write_json_atomic(tmp / REPORT_NAME, {"schema": REPORT_SCHEMA, "source": str(model_dir),
-                                              "lm_head_untied": tied, "task": "text-generation-with-past",
+                                              "exporter": exporter, "lm_head_untied": untied,
+                                              "task": "text-generation-with-past",
                                               "validation": report.summary()})
     return out_dir / ONNX_NAME, report

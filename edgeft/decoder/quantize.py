@@ -8,7 +8,15 @@ Algorithms (``WeightOnlyScheme.algorithm``):
 - ``hqq``: Half-Quadratic Quantization (4 bits), calibration-free: optimises each block's scale and
   zero point for the weight error; better than round to nearest at the same size.
 - ``gptq``: GPTQ (4 bits) with ORT's bundled implementation, calibrated on token blocks of the train
-  split (the Hessian of each MatMul's input); the slowest to produce.
+  split (the Hessian of each MatMul's input); the slowest to produce. Optimum exports only (on the
+  fused graph it gave perplexity 4e4 on SmolLM2).
+- ``k_quant``: ORT's k-quant (llama.cpp's search for each block's scale), 4 or 8 bits.
+
+On a fused export (``genai_config.json`` beside the model: edgeft.decoder.genai) ``rtn`` and ``k_quant``
+candidates are built by onnxruntime-genai's builder from the Hugging Face folder: it shares one
+quantized matrix between a tied embedding and the lm_head, and ``int8_groups`` keeps layer groups
+at 8 bits in a 4-bit model (``last_matmul``: the lm_head; ``mixed_layers``: llama.cpp's Q4_K_M choice of
+sensitive layers). ``hqq`` there quantizes the fused graph's MatMuls in place.
 
 Never ``quantize_dynamic(per_channel=True)``: with onnxruntime 1.32 it gives garbage on these
 decoders (perplexity 1.7e7 on SmolLM2). :func:`check_candidate` catches such a model whatever made
@@ -33,7 +41,8 @@ import numpy as np
 from edgeft.errors import DataError, ModelError
 
 ONNX_NAME = "model.onnx"
-ALGORITHMS = ("rtn", "hqq", "gptq")
+ALGORITHMS = ("rtn", "hqq", "gptq", "k_quant")
+INT8_GROUPS = ("last_matmul", "mixed_layers")  # onnxruntime-genai's matmul_mixed_precision selectors
 BITS = (4, 8)
 DEFAULT_MAX_PERPLEXITY_INCREASE = 0.02   # relative: 2%
 MIN_TOP1_AGREEMENT = 0.5                 # below this the candidate is garbage, whatever its perplexity
@@ -55,8 +64,15 @@ class WeightOnlyScheme:
     algorithm: str = "rtn"
     embedding: bool = False
     accuracy_level: int | None = 4
+    int8_groups: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "int8_groups", tuple(self.int8_groups))
+        bad = [g for g in self.int8_groups if g not in INT8_GROUPS]
+        if bad:
+            raise ModelError(f"int8 group '{bad[0]}' is not known", f"use {' and/or '.join(INT8_GROUPS)}")
+        if self.int8_groups and self.bits != 4:
+            raise ModelError("int8_groups keeps some layers at 8 bits in a 4-bit model", "set bits: 4, or drop int8_groups")
         if self.algorithm not in ALGORITHMS:
             raise ModelError(f"weight-only algorithm '{self.algorithm}' is not known", f"use one of {', '.join(ALGORITHMS)}")
         if self.bits not in BITS:
@@ -77,6 +93,8 @@ class WeightOnlyScheme:
         parts = [f"int{self.bits}", self.algorithm, f"b{self.block_size}", "sym" if self.symmetric else "asym"]
         if self.embedding:
             parts.append("emb")
+        if self.int8_groups:
+            parts.append("int8-" + "+".join(self.int8_groups))
         if self.accuracy_level is not None:
             parts.append(f"acc{self.accuracy_level}")
         return "-".join(parts)
@@ -135,6 +153,8 @@ def _algo_config(scheme: WeightOnlyScheme, calibration: np.ndarray | None, src: 
         reader = BlockReader(calibration, dec.input_names, (dec.kv_heads, dec.head_dim), dec.kv_dtype)
         return mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=128, perchannel=True,
                                              op_types_to_quantize=("MatMul",))
+    if scheme.algorithm == "k_quant":
+        return mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",))
     return mnq.DefaultWeightOnlyQuantConfig(block_size=scheme.block_size, is_symmetric=scheme.symmetric,
                                             accuracy_level=scheme.accuracy_level, bits=scheme.bits,
                                             op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
@@ -167,10 +187,55 @@ def _silence():
         logging.disable(previous)
 
 
+def is_fused(onnx_path: str | Path) -> bool:
+    """A fused export (onnxruntime-genai's builder wrote it)?"""
+    from edgeft.decoder.genai import GENAI_CONFIG
+
+    return (Path(onnx_path).parent / GENAI_CONFIG).is_file()
+
+
+def builder_options(scheme: WeightOnlyScheme) -> tuple[str, dict[str, str]]:
+    """The onnxruntime-genai builder's precision and extra options for ``scheme``."""
+    opts = {"block_size": str(scheme.block_size), "is_symmetric": str(scheme.symmetric).lower(),
+            "algo_config": scheme.algorithm}
+    if scheme.accuracy_level is not None:
+        opts["accuracy_level"] = str(scheme.accuracy_level)
+    if scheme.embedding:
+        opts["op_types_to_quantize"] = "MatMul/Gather"
+    else:  # the builder would share (and so quantize) a tied embedding with the lm_head
+        opts.update(op_types_to_quantize="MatMul", shared_embeddings="false")
+    if scheme.int8_groups:
+        opts["matmul_mixed_precision"] = ",".join(f"{g}:int8" for g in scheme.int8_groups)
+    return f"int{scheme.bits}", opts
+
+
+def check_scheme_for_exporter(scheme: WeightOnlyScheme, exporter: str) -> None:
+    """One-line errors for a scheme the export cannot take (called before a run folder is made)."""
+    _check_for_graph(scheme, exporter == "genai", source_model="given")
+    if exporter == "genai":
+        from edgeft.decoder import genai
+
+        genai.require()
+
+
+def _check_for_graph(scheme: WeightOnlyScheme, fused: bool, source_model) -> None:
+    if fused and scheme.algorithm == "gptq":
+        raise ModelError("gptq is for optimum exports (on the fused graph it gave garbage)",
+                         "use k_quant, hqq or rtn, or set compress.exporter: optimum")
+    if scheme.int8_groups and not fused:
+        raise ModelError("int8_groups needs the fused export (onnxruntime-genai's builder)",
+                         "set compress.exporter: genai, or drop int8_groups")
+    if fused and scheme.algorithm in ("rtn", "k_quant") and source_model is None:
+        raise ModelError("a fused export is quantized by onnxruntime-genai's builder from the Hugging Face folder",
+                         "pass source_model (the folder the fp32 export came from)")
+
+
 def quantize_weight_only(src: str | Path, dst_dir: str | Path, scheme: WeightOnlyScheme, *,
-                         calibration: np.ndarray | None = None) -> Path:
+                         calibration: np.ndarray | None = None, source_model: str | Path | None = None) -> Path:
     """Quantize ``src`` (an fp32 decoder ``model.onnx``) into ``dst_dir/model.onnx`` with ``scheme``;
-    the parent folder's config/tokenizer files are copied beside it. Built aside and swapped in whole."""
+    the parent folder's config/tokenizer files are copied beside it. Built aside and swapped in whole.
+    A fused ``src`` with ``rtn`` / ``k_quant`` is rebuilt by onnxruntime-genai's builder from
+    ``source_model`` (the Hugging Face folder ``src`` was exported from)."""
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -180,6 +245,19 @@ def quantize_weight_only(src: str | Path, dst_dir: str | Path, scheme: WeightOnl
     from edgeft.safeio import load_onnx_checked
 
     src, dst_dir = Path(src), Path(dst_dir)
+    fused = is_fused(src)
+    _check_for_graph(scheme, fused, source_model)
+    if fused and scheme.algorithm in ("rtn", "k_quant"):
+        from edgeft.decoder import genai
+
+        precision, opts = builder_options(scheme)
+        with atomic_dir(dst_dir) as tmp:
+            built = genai.build(source_model, tmp / ".build", precision=precision, options=opts)
+            for p in built.parent.iterdir():
+                shutil.move(str(p), tmp / p.name)
+            shutil.rmtree(built.parent, ignore_errors=True)
+            load_onnx_checked(tmp / ONNX_NAME)
+        return dst_dir / ONNX_NAME
     model = load_onnx_checked(src)
     config = _algo_config(scheme, calibration, src)
     with atomic_dir(dst_dir) as tmp:
@@ -204,7 +282,10 @@ def quantize_weight_only(src: str | Path, dst_dir: str | Path, scheme: WeightOnl
             set_accuracy_level(out, scheme.accuracy_level)
         if not any(o.domain == "com.microsoft" for o in out.opset_import):  # ORT's GPTQ path leaves it out
             out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-        onnx.save_model(out, str(tmp / ONNX_NAME))
+        if fused:  # the genai runtime reads the builder's external-data layout
+            onnx.save_model(out, str(tmp / ONNX_NAME), save_as_external_data=True, location=ONNX_NAME + ".data")
+        else:
+            onnx.save_model(out, str(tmp / ONNX_NAME))
         for p in src.parent.iterdir():
             if p.is_file() and not p.is_symlink() and p.suffix not in (".onnx", ".onnx_data", ".data") \
                     and not p.name.startswith("."):
@@ -339,7 +420,8 @@ def choose(candidates: list[CandidateCheck], *, max_perplexity_increase: float =
 def quantize_and_choose(parent_onnx: str | Path, work_dir: str | Path, schemes: list[WeightOnlyScheme],
                         blocks: np.ndarray, prompts: list[list[int]], *, calibration: np.ndarray | None = None,
                         max_perplexity_increase: float = DEFAULT_MAX_PERPLEXITY_INCREASE, by: str = "speed",
-                        new_tokens: int = 32, threads: int | None = None) -> Choice:
+                        new_tokens: int = 32, threads: int | None = None,
+                        source_model: str | Path | None = None) -> Choice:
     """Quantize ``parent_onnx`` with every scheme into ``work_dir/<scheme name>/``, check each and
     choose one (see :func:`choose`). The caller moves the chosen folder where it belongs."""
     if not schemes:
@@ -348,6 +430,7 @@ def quantize_and_choose(parent_onnx: str | Path, work_dir: str | Path, schemes: 
     parent = parent_reference(parent_onnx, blocks, prompts, new_tokens=new_tokens, threads=threads)
     checks = []
     for s in schemes:
-        path = quantize_weight_only(parent_onnx, work_dir / s.name, s, calibration=calibration)
+        path = quantize_weight_only(parent_onnx, work_dir / s.name, s, calibration=calibration,
+                                    source_model=source_model)
         checks.append(check_candidate(path, parent, blocks, name=s.name, scheme=s, threads=threads))
     return choose(checks, max_perplexity_increase=max_perplexity_increase, by=by)

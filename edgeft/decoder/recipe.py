@@ -34,16 +34,25 @@ class SchemeConfig(_Strict):
     bits: Literal[4, 8] = 8
     block_size: int = Field(32, ge=16, le=4096, description="weights per quantization block (a power of two)")
     symmetric: bool = True
-    algorithm: Literal["rtn", "hqq", "gptq"] = Field("rtn", description="rtn = round to nearest; hqq / gptq: 4-bit only")
-    embedding: bool = Field(False, description="also quantize the token embedding (4 bits)")
+    algorithm: Literal["rtn", "hqq", "gptq", "k_quant"] = Field(
+        "rtn", description="rtn = round to nearest; k_quant = llama.cpp-style scale search; hqq / gptq: 4-bit only")
+    embedding: bool = Field(False, description="also quantize the token embedding (4 bits; shared with a tied lm_head "
+                                               "on the genai export)")
     accuracy_level: int | None = Field(4, ge=0, le=4, description="MatMulNBits compute type: 4 = int8 (fast); null = ORT's fp32 default")
+    int8_groups: list[Literal["last_matmul", "mixed_layers"]] = Field(
+        default_factory=list, description="genai export, 4 bits: keep these at 8 bits (last_matmul = lm_head; "
+                                          "mixed_layers = llama.cpp Q4_K_M's sensitive layers)")
 
 
 def _default_schemes() -> list[SchemeConfig]:
-    return [SchemeConfig(bits=8), SchemeConfig(bits=4)]
+    return [SchemeConfig(bits=8, block_size=128), SchemeConfig(bits=8),
+            SchemeConfig(bits=4, algorithm="k_quant", embedding=True, int8_groups=["last_matmul", "mixed_layers"]),
+            SchemeConfig(bits=4, embedding=True)]
 
 
 class DecoderCompressConfig(_Strict):
+    exporter: Literal["genai", "optimum"] = Field(
+        "genai", description="genai = onnxruntime-genai's fused graph (Llama family, ~2x faster); optimum = any causal LM")
     schemes: list[SchemeConfig] = Field(default_factory=_default_schemes,
                                         description="weight-only candidates; each is checked against the fp32 ONNX model")
     max_perplexity_increase: float = Field(0.02, gt=0, le=1.0, description="relative, on validation blocks (0.02 = 2%)")
@@ -56,7 +65,8 @@ class DecoderBenchConfig(_Strict):
     threads: list[int] = Field(default_factory=lambda: [1, 2], description="thread counts, each measured")
     prompt_tokens: int = Field(32, ge=1, le=8192, description="prompt length (tokens of a test-split text)")
     new_tokens: int = Field(64, ge=1, le=8192, description="greedy tokens generated per measurement")
-    repeats: int = Field(3, ge=1, le=100, description="interleaved rounds (variant order rotated each round)")
+    repeats: int = Field(10, ge=1, le=100, description="interleaved rounds (variant order rotated each round); "
+                                                       "edgeft gate needs at least 4, about 10 to resolve +10%")
     torch: bool = Field(True, description="also bench the torch fp32 model (the reference)")
 
     @field_validator("threads")

@@ -35,7 +35,7 @@ def blocks(tok):
 def exported(tiny, blocks, tmp_path_factory):
     from edgeft.decoder.export import export_decoder
 
-    return export_decoder(tiny, tmp_path_factory.mktemp("export") / "onnx", blocks=blocks)
+    return export_decoder(tiny, tmp_path_factory.mktemp("export") / "onnx", blocks=blocks, exporter="optimum")
 
 
 def _one_line(e: EdgeftError) -> str:
@@ -71,7 +71,7 @@ def test_failed_validation_raises_and_writes_nothing(tiny, blocks, tmp_path):
 
     out = tmp_path / "onnx"
     with pytest.raises(ModelError) as e:
-        export_decoder(tiny, out, blocks=blocks, ppl_rtol=-1.0)  # no perplexity can pass: the failure path
+        export_decoder(tiny, out, blocks=blocks, ppl_rtol=-1.0, exporter="optimum")  # no perplexity passes
     assert "does not match torch" in _one_line(e.value)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no partial folder either

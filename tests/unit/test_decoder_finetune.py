@@ -367,3 +367,22 @@ def test_takes_a_corpus_of_documents(tiny, tmp_path):
     corpus = load_corpus(src)
     res = finetune_decoder(tiny, corpus, cfg("lora", max_steps=2, epochs=1), tmp_path / "out", progress=False)
     assert res.metrics["train_blocks"] > 0 and res.metrics["steps"] == 2
+
+
+def test_the_schedule_fits_the_wall_clock_budget():
+    import math
+
+    from edgeft.decoder.finetune import BudgetSchedule
+
+    s = BudgetSchedule(1000, 0.1, deadline=100.0)
+    assert s.factor(50) == 0.5 and s.total == 1000  # no timing yet: the planned steps
+    s.observe(1, 1.0)   # the first step (compile, caches) is not a typical step
+    s.observe(11, 11.0)  # then 1 s a step: 89 s left -> 89 more steps fit
+    assert s.total == 100
+    assert s.factor(0) == 0 and s.factor(5) == 0.5 and s.factor(10) == 1.0  # warm-up: 10% of 100 steps
+    assert s.factor(55) == 0.5 and s.factor(100) == 0.0  # decays to zero at the budget
+    s.observe(50, 200.0)  # past the deadline: the schedule ends now
+    assert s.total == 50
+    free = BudgetSchedule(40, 0.05, deadline=math.inf)
+    free.observe(1, 1.0), free.observe(2, 2.0)
+    assert free.total == 40 and free.factor(2) == 1.0
