@@ -25,7 +25,7 @@ import numpy as np
 from edgeft.decoder.recipe import DecoderBenchConfig, DecoderCompressConfig, DecoderRecipe
 
 REPORT_SCHEMA = "edgeft.decoder-compress/1"
-BENCH_SCHEMA = "edgeft.decoder-bench/1"
+BENCH_SCHEMA = "edgeft.decoder-bench/2"  # /2: raw per-round samples and model identities
 FP32 = "onnx_fp32"
 CANDIDATES = "candidates"
 
@@ -69,9 +69,12 @@ def resolve_inputs(recipe: DecoderRecipe) -> DecoderInputs:
 
 
 def _schemes(cfg: DecoderCompressConfig):
-    from edgeft.decoder.quantize import WeightOnlyScheme
+    from edgeft.decoder.quantize import WeightOnlyScheme, check_scheme_for_exporter
 
-    return [WeightOnlyScheme(**s.model_dump()) for s in cfg.schemes]  # its own checks: one-line errors
+    schemes = [WeightOnlyScheme(**s.model_dump()) for s in cfg.schemes]  # its own checks: one-line errors
+    for s in schemes:
+        check_scheme_for_exporter(s, cfg.exporter)
+    return schemes
 
 
 def compress_decoder(inputs: DecoderInputs, cfg: DecoderCompressConfig, out_dir: Path) -> dict[str, Any]:
@@ -85,13 +88,14 @@ def compress_decoder(inputs: DecoderInputs, cfg: DecoderCompressConfig, out_dir:
 
     schemes = _schemes(cfg)
     t0 = time.time()
-    onnx_path, parity = export_decoder(inputs.model_dir, out_dir / FP32, blocks=inputs.validation, threads=cfg.threads)
+    onnx_path, parity = export_decoder(inputs.model_dir, out_dir / FP32, blocks=inputs.validation, threads=cfg.threads,
+                                       exporter=cfg.exporter)
     prompts = prompt_ids(inputs.tokenizer)
     needs_calibration = any(s.algorithm == "gptq" for s in schemes)
     calibration = inputs.validation if needs_calibration else None  # GPTQ's Hessians; choices stay on validation
     choice = quantize_and_choose(onnx_path, out_dir / CANDIDATES, schemes, inputs.validation, prompts,
                                  calibration=calibration, max_perplexity_increase=cfg.max_perplexity_increase,
-                                 by=cfg.choose_by, threads=cfg.threads)
+                                 by=cfg.choose_by, threads=cfg.threads, source_model=inputs.model_dir)
     test_ppl = {FP32: ort_perplexity(OrtDecoder(onnx_path, threads=cfg.threads), inputs.test).perplexity}
     if choice.chosen is not None:
         test_ppl[choice.chosen.name] = ort_perplexity(OrtDecoder(choice.chosen.path, threads=cfg.threads),
@@ -124,13 +128,35 @@ def _relative(summary: dict[str, Any], root: Path) -> dict[str, Any]:
     return summary
 
 
+def _variant_files(name: str, path: Path) -> list[Path]:
+    """The files that make a variant (as the classification bench records them): the torch model's
+    safetensors, an ONNX model's graph and its external data."""
+    if name == "torch_fp32":
+        return sorted(Path(path).glob("*.safetensors"))
+    from edgeft.bench.runtimes import onnx_files
+
+    return onnx_files(Path(path))
+
+
+def _tokens_sha256(tokens) -> str:
+    """sha256 of token ids (shape included): the gate compares perplexity and latency only on the same tokens."""
+    import hashlib
+
+    arr = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
+    return hashlib.sha256(f"{arr.shape}".encode() + arr.tobytes()).hexdigest()
+
+
 def bench_decoder(inputs: DecoderInputs, compress_dir: Path, cfg: DecoderBenchConfig, out_json: Path,
                   out_md: Path, *, progress=None) -> dict[str, Any]:
     """Greedy generation (batch 1) of every variant at every thread count, interleaved over
-    ``cfg.repeats`` rounds (order rotated each round); medians. Test-split perplexity per variant."""
+    ``cfg.repeats`` rounds (order rotated each round); medians. Test-split perplexity per variant.
+
+    Each row also keeps its raw samples, in round order, for ``edgeft gate``: ``decode_step_ms`` (per round,
+    every decode step's latency: new_tokens - 1 of them) and ``ttft_round_ms`` (per round, time to first token);
+    ``models`` holds each variant's files' sha256, ``eval`` / ``prompt`` the sha256 of the tokens measured."""
     import torch
 
-    from edgeft.artifacts import cpu_info, write_json_atomic, write_text_atomic
+    from edgeft.artifacts import cpu_info, sha256_file, write_json_atomic, write_text_atomic
     from edgeft.decoder.evaluate import ort_perplexity, torch_perplexity
     from edgeft.decoder.generate import OrtDecoder, torch_greedy
     from edgeft.decoder.model import load_causal_lm
@@ -157,7 +183,8 @@ def bench_decoder(inputs: DecoderInputs, compress_dir: Path, cfg: DecoderBenchCo
                 sessions[key].generate(inputs.prompt, 4)  # warm-up
             res = sessions[key].generate(inputs.prompt, cfg.new_tokens)
         return {"decode_tok_s": res.decode_tok_s, "ttft_ms": res.ttft_s * 1000, "prompt_tok_s": res.prompt_tok_s,
-                "new_tokens": len(res.tokens)}
+                "new_tokens": len(res.tokens),
+                "decode_step_ms": [round(x * 1000, 4) for x in res.extra.get("decode_step_s", [])]}
 
     if torch_model is not None:
         torch_greedy(torch_model, inputs.prompt, 4)  # warm-up
@@ -185,18 +212,35 @@ def bench_decoder(inputs: DecoderInputs, compress_dir: Path, cfg: DecoderBenchCo
         spread = max(s["decode_tok_s"] for s in samples) / min(s["decode_tok_s"] for s in samples) - 1
         table.append({"variant": name, "threads": threads, **med, "decode_spread": spread, "rounds": len(samples),
                       "size_mb": sizes.get(name), "test_perplexity": ppl.get(name),
-                      "perplexity_increase_vs_fp32": ppl[name] / ppl[FP32] - 1 if name in ppl else None})
+                      "perplexity_increase_vs_fp32": ppl[name] / ppl[FP32] - 1 if name in ppl else None,
+                      # raw samples in round order (round r of every row ran in the same interleaved round)
+                      "decode_step_ms": [s["decode_step_ms"] for s in samples],
+                      "ttft_round_ms": [round(s["ttft_ms"], 4) for s in samples]})
     for row in table:
         ref = next((x for x in table if x["variant"] == ("torch_fp32" if torch_model is not None else FP32)
                     and x["threads"] == row["threads"]), None)
         row["speedup_vs_reference"] = row["decode_tok_s"] / ref["decode_tok_s"] if ref else None
+    paths = {**({"torch_fp32": inputs.model_dir} if torch_model is not None else {}), **onnx_variants}
+    models = [{"name": name, "path": str(path),
+               "files": {f.name: sha256_file(f) for f in _variant_files(name, path) if f.is_file()}}
+              for name, path in paths.items()]
     out = {"schema": BENCH_SCHEMA, "task": "text-generation", "cpu": cpu_info(), "prompt_tokens": len(inputs.prompt),
            "new_tokens": cfg.new_tokens, "repeats": cfg.repeats, "threads": cfg.threads,
            "reference": "torch_fp32" if torch_model is not None else FP32, "rows": table,
-           "chosen": report["final"], "test_blocks": int(len(inputs.test)), "block_size": int(inputs.test.shape[1])}
+           "chosen": report["final"], "test_blocks": int(len(inputs.test)), "block_size": int(inputs.test.shape[1]),
+           "prompt": {"tokens": len(inputs.prompt), "sha256": _tokens_sha256(inputs.prompt)},
+           "eval": {"split": "test", "blocks": int(len(inputs.test)), "block_size": int(inputs.test.shape[1]),
+                    "sha256": _tokens_sha256(inputs.test)},
+           "models": models}
     write_json_atomic(out_json, out)
     write_text_atomic(out_md, render_bench_md(out))
     return out
+
+
+def _step_p50_ms(row: dict[str, Any]) -> str:
+    """Median decode step latency over all of a row's rounds, for bench.md ('' without raw samples)."""
+    steps = [x for r in row.get("decode_step_ms") or [] for x in r]
+    return f"{statistics.median(steps):.2f}" if steps else ""
 
 
 def render_bench_md(b: dict[str, Any]) -> str:
@@ -205,13 +249,18 @@ def render_bench_md(b: dict[str, Any]) -> str:
              f"CPU: {cpu['model']} ({', '.join(cpu['flags']) or 'no int8 flags'}); medians of {b['repeats']} "
              f"interleaved rounds; perplexity on {b['test_blocks']} test blocks of {b['block_size']} tokens; "
              f"chosen by compress: {b['chosen']}", "",
-             "| variant | threads | decode tok/s | vs reference | first token ms | prompt tok/s | MB | test ppl | ppl vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | threads | decode tok/s | vs reference | ms/token p50 | spread | first token ms "
+             "| prompt tok/s | MB | test ppl | ppl vs fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(b["rows"], key=lambda r: (r["threads"], -r["decode_tok_s"])):
         inc = r["perplexity_increase_vs_fp32"]
         lines.append(f"| {r['variant']} | {r['threads']} | {r['decode_tok_s']:.1f} | "
-                     f"{r['speedup_vs_reference']:.2f}x | {r['ttft_ms']:.1f} | {r['prompt_tok_s']:.0f} | "
+                     f"{r['speedup_vs_reference']:.2f}x | {_step_p50_ms(r)} | {r['decode_spread']:.0%} | "
+                     f"{r['ttft_ms']:.1f} | {r['prompt_tok_s']:.0f} | "
                      f"{r['size_mb']:.0f} | {r['test_perplexity']:.2f} | {'' if inc is None else f'{inc:+.1%}'} |")
+    lines += ["", "spread: max / min - 1 of the rounds' decode tok/s. bench.json keeps every round's per-token decode "
+              "step latencies and time to first token, and each variant's files' sha256, for `edgeft gate` "
+              f"(schema {b['schema']})."]
     return "\n".join(lines) + "\n"
 
 
