@@ -18,6 +18,16 @@ Layout (paths relative to the bundle root)::
     triton/                Triton model repository (`ship --triton`, edgeft.scale.triton)
     kubernetes/            Dockerfile, Deployment, Service, HPA, Secret, KServe InferenceService
                            (`ship --kubernetes`, edgeft.scale.kubernetes)
+
+A text-generation bundle (``task: text-generation``, a decoder LM: edgeft.decoder.ship) keeps the
+same root files and checksums, with::
+
+    model/                 model.onnx (+ its external data files), config.json, generation_config.json,
+                           tokenizer files, chat template (chat_template.jinja or in tokenizer_config.json)
+    golden/generation.jsonl  {"name", "kind", "prompt" or "messages", "prompt_ids", "tokens", "text"} per
+                           line: fixed prompts and the shipped model's greedy tokens (edgeft.decoder.golden)
+    serving/               prometheus.yml, edgeft-serve.service
+    manifest.json          + model (context, eos ids, KV layout), perplexity, generation golden tolerance
 """
 
 from __future__ import annotations
@@ -42,6 +52,16 @@ RAY_CONFIG = "ray/serve_config.yaml"
 TRITON_DIR = "triton"
 KUBERNETES_DIR = "kubernetes"
 MODEL_CARD = "MODEL_CARD.md"
+MODEL_CONFIG = "model/config.json"
+TASK_CLASSIFICATION = "text-classification"
+TASK_GENERATION = "text-generation"
+GOLDEN_GENERATION = "golden/generation.jsonl"
+# What a text-generation bundle's model/ holds besides model.onnx and its external data (each when the
+# run has it; tokenizer.json and config.json always).
+DECODER_MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                       "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+                       "chat_template.jinja", "chat_template.json", "edgeft-export.json",
+                       "genai_config.json")  # onnxruntime-genai's config, when its builder made the graph
 
 
 class BundleError(EdgeftError):
@@ -76,6 +96,15 @@ class Bundle:
     @property
     def max_length(self) -> int:
         return int(self.manifest["tokenizer"]["max_length"])
+
+    @property
+    def task(self) -> str:
+        return str(self.manifest.get("task") or TASK_CLASSIFICATION)
+
+    @property
+    def context_length(self) -> int:
+        """A text-generation bundle's context (prompt + new tokens), from its manifest."""
+        return int(self.manifest["model"]["context_length"])
 
     @property
     def serving(self) -> dict[str, Any]:

@@ -268,7 +268,10 @@ def bench(models, recipe, overrides, runtimes, batch, seq, threads, data, out, f
 @click.option("--candidate", default=None, type=click.Path(), help="A/B mode: the new model (same kinds as --baseline-model).")
 @click.option("--max-latency-regression", default="10%", show_default=True,
               help="Allowed latency increase, e.g. 10% or 0.1.")
-@click.option("--max-accuracy-drop", default=0.5, show_default=True, type=float, help="Allowed accuracy drop, in points.")
+@click.option("--max-accuracy-drop", default=None, show_default="0.5", type=float,
+              help="Allowed accuracy drop, in points (classification reports and A/B mode).")
+@click.option("--max-perplexity-increase", default=None, show_default="2%",
+              help="Stored mode, decoder bench reports: allowed relative test-perplexity increase, e.g. 2% or 0.02.")
 @click.option("--normalize/--no-normalize", default=False,
               help="Stored mode: compare latencies as ratios to the in-run reference model (baseline from another machine).")
 @click.option("--expect-same-model", is_flag=True,
@@ -285,19 +288,21 @@ def bench(models, recipe, overrides, runtimes, batch, seq, threads, data, out, f
 @click.option("--data", default=None, help="A/B mode: DATASET[:SPLIT] to compare accuracy on (optional).")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the verdict as JSON.")
 @_guard
-def gate(current, baseline, baseline_model, candidate, max_latency_regression, max_accuracy_drop, normalize,
-         expect_same_model, budget_seconds, threads, baseline_threads, candidate_threads, batch, seq, variant,
-         min_rounds, data, json_out):
+def gate(current, baseline, baseline_model, candidate, max_latency_regression, max_accuracy_drop,
+         max_perplexity_increase, normalize, expect_same_model, budget_seconds, threads, baseline_threads,
+         candidate_threads, batch, seq, variant, min_rounds, data, json_out):
     """Latency/accuracy gate: exit 0 pass, 1 regression (or inconclusive), 2 bad input.
 
     \b
     A/B (recommended in CI): edgeft gate --baseline-model OLD --candidate NEW
       times both interleaved in one process and decides on the paired ratio.
     Stored baseline:         edgeft gate CURRENT.json --baseline BASE.json
+      (two 'edgeft bench' reports, or two decoder bench reports of 'edgeft run')
     """
     from edgeft.gate import parse_fraction
 
     threshold = parse_fraction(max_latency_regression)
+    ppl_increase = None if max_perplexity_increase is None else parse_fraction(max_perplexity_increase)
     ab_only = {"--budget-seconds": budget_seconds, "--threads": threads, "--baseline-threads": baseline_threads,
                "--candidate-threads": candidate_threads, "--variant": variant, "--min-rounds": min_rounds,
                "--data": data, "--batch": batch, "--seq": seq}
@@ -308,6 +313,9 @@ def gate(current, baseline, baseline_model, candidate, max_latency_regression, m
         if current is not None or baseline is not None or normalize or expect_same_model:
             raise EdgeftError("CURRENT/--baseline/--normalize/--expect-same-model belong to the stored-baseline mode",
                               "use either --baseline-model OLD --candidate NEW, or CURRENT.json --baseline BASE.json")
+        if ppl_increase is not None:
+            raise EdgeftError("--max-perplexity-increase belongs to the stored-baseline mode (decoder bench reports)",
+                              "gate decoder bench reports with CURRENT.json --baseline BASE.json")
         from edgeft.ab_gate import DEFAULT_BUDGET_S, DEFAULT_MIN_ROUNDS, ABConfig, ab_gate
 
         cfg = ABConfig(baseline=Path(baseline_model), candidate=Path(candidate), max_latency_regression=threshold,
@@ -315,7 +323,8 @@ def gate(current, baseline, baseline_model, candidate, max_latency_regression, m
                        baseline_threads=baseline_threads, candidate_threads=candidate_threads, batch=1 if batch is None else batch,
                        seq=128 if seq is None else seq,
                        variant=variant, min_rounds=DEFAULT_MIN_ROUNDS if min_rounds is None else min_rounds,
-                       data=data, max_accuracy_drop=max_accuracy_drop, show_progress=False)
+                       data=data, max_accuracy_drop=0.5 if max_accuracy_drop is None else max_accuracy_drop,
+                       show_progress=False)
         result = ab_gate(cfg)
     else:
         if current is None or baseline is None:
@@ -327,8 +336,8 @@ def gate(current, baseline, baseline_model, candidate, max_latency_regression, m
         from edgeft.gate import gate as run_gate
 
         result = run_gate(Path(current), Path(baseline), max_latency_regression=threshold,
-                          max_accuracy_drop=max_accuracy_drop, normalize=normalize,
-                          expect_same_model=expect_same_model)
+                          max_accuracy_drop=max_accuracy_drop, max_perplexity_increase=ppl_increase,
+                          normalize=normalize, expect_same_model=expect_same_model)
     click.echo(result.render())
     if json_out:
         from edgeft.artifacts import write_json_atomic
@@ -410,6 +419,8 @@ def serve_cmd(bundle, host, port, keys, config_file, overrides, threads, max_bat
               engine, print_config):
     """Serve BUNDLE (from `edgeft ship`) over HTTP: KServe V2 / Triton API, TEI-style /predict, /metrics.
 
+    A text-generation bundle (a decoder LM) is served with OpenAI-compatible routes instead:
+    /v1/models, /v1/completions, /v1/chat/completions (stream: true for Server-Sent Events).
     Settings: the bundle's serving defaults, then --config, then --set KEY=VALUE, then flags.
     SIGTERM drains and exits 0; SIGHUP reloads the key file.
     """
@@ -425,6 +436,11 @@ def serve_cmd(bundle, host, port, keys, config_file, overrides, threads, max_bat
         click.echo(cfg.to_yaml(), nl=False)
         return
     if cfg.engine == "ray":
+        if manifest.get("task") == "text-generation":
+            from edgeft.serve.server import ServeRefused
+
+            raise ServeRefused("engine: ray serves text-classification bundles only; this bundle is a text-generation "
+                               "model", "serve it with --engine embedded (the default)")
         from edgeft.scale.ray_serve import run_ray
 
         sys.exit(run_ray(bundle, cfg))

@@ -1,5 +1,8 @@
 """Ship stage: a run folder's compressed model -> a self-verifying bundle folder + a deterministic .tar.gz.
 
+A text-generation run folder (a decoder LM) is shipped by edgeft.decoder.ship instead (same layout
+rules and safety, its own model files, golden generations and model card).
+
 ``ship(cfg)`` picks the variant (by default the fastest that met the accuracy goal), then builds the
 bundle in a temporary sibling folder through a list of *parts* (model, golden examples, latency
 reference, serving files, model card; callers may append their own, e.g. Triton or Kubernetes files),
@@ -644,8 +647,11 @@ def ship(cfg: ShipConfig, *, extra_parts: Sequence[Part] = ()) -> ShipResult:
     """Build the bundle (see the module docstring). ``extra_parts`` run after the default ones, before
     the manifest and checksums are written, so their files are covered too."""
     from edgeft.artifacts import atomic_dir, sha256_file
+    from edgeft.decoder.ship import is_decoder_run, ship_decoder
 
     run_dir = Path(cfg.run_dir)
+    if is_decoder_run(run_dir):  # a text-generation run: its own bundle contents (edgeft.decoder.ship)
+        return ship_decoder(cfg, extra_parts=extra_parts)
     report, bench, recipe, run_manifest = load_run(run_dir)
     variant = choose_variant(run_dir, report, bench, cfg)
     name = cfg.name or recipe.name

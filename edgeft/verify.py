@@ -10,6 +10,10 @@
    ratio, 95 % bootstrap CI; a regression only when the slowdown passes the threshold and the CI
    excludes no change; INCONCLUSIVE when the noise cannot resolve it).
 
+A text-generation bundle (a decoder LM): checksums as above; load = the ONNX checks, then a KV-cache
+decoder session and the tokenizer, matching the manifest; golden = the recorded prompts regenerate
+their greedy tokens (edgeft.decoder.golden states the tolerance); no latency reference.
+
 Exit codes like ``edgeft gate``: 0 pass; 1 golden mismatch, latency regression or inconclusive;
 2 bad input (not a bundle, a newer schema, tampered or unloadable files).
 """
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeft.bundle import GOLDEN, SUMS, BundleError, check_checksums, read_manifest
+from edgeft.bundle import GOLDEN, SUMS, TASK_GENERATION, BundleError, check_checksums, read_manifest
 from edgeft.errors import EdgeftError
 
 VERIFY_SCHEMA = "edgeft.verify/1"
@@ -229,6 +233,71 @@ def _scale_checks(root: Path, manifest: dict[str, Any], require: tuple[str, ...]
     return checks
 
 
+def _load_decoder(root: Path, manifest: dict[str, Any], threads: int):
+    """Load a text-generation bundle's model as a KV-cache decoder and its tokenizer; check the manifest."""
+    from edgeft.bundle import MODEL_DIR, MODEL_ONNX
+    from edgeft.decoder.generate import OrtDecoder
+    from edgeft.decoder.text import DecoderTokenizer
+    from edgeft.safeio import load_onnx_checked
+
+    try:
+        load_onnx_checked(root / MODEL_ONNX)
+        decoder = OrtDecoder(root / MODEL_ONNX, threads=threads)
+        tokenizer = DecoderTokenizer(root / MODEL_DIR)
+    except EdgeftError as e:
+        return Check("load", "bad", e.one_line()), None, None
+    problems = []
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    if model.get("context_length") != decoder.context:
+        problems.append(f"context {decoder.context} tokens in model/config.json, the manifest says "
+                        f"{model.get('context_length')}")
+    want = [i.get("name") for i in manifest.get("io", {}).get("onnx", {}).get("inputs", [])]
+    if want and decoder.input_names != want:
+        problems.append(f"ONNX inputs {decoder.input_names}, the manifest says {want}")
+    chat = bool((manifest.get("tokenizer") or {}).get("chat_template"))
+    if chat != (tokenizer.chat_template is not None):
+        problems.append(f"the manifest says chat template {'present' if chat else 'absent'}, model/ has "
+                        f"{'one' if tokenizer.chat_template is not None else 'none'}")
+    if problems:
+        return Check("load", "bad", "the model does not match its manifest", problems), None, None
+    return Check("load", "ok", f"ONNX checker passed; KV-cache decoder ({len(decoder.past_names)} past inputs, "
+                               f"{threads} threads), context {decoder.context} tokens, eos {tokenizer.eos_token_ids}, "
+                               f"chat template {'yes' if chat else 'no'}"), decoder, tokenizer
+
+
+def _verify_generation(root: Path, manifest: dict[str, Any], res: VerifyResult, require: tuple[str, ...]) -> VerifyResult:
+    """A text-generation bundle after its checksums: load, golden generations, scale-out files (none are
+    written for decoders, so only a demanded one is checked: it is missing)."""
+    from edgeft.bundle import GOLDEN_GENERATION
+    from edgeft.decoder import golden
+    from edgeft.onnx_eval import usable_cores
+
+    check, decoder, tokenizer = _load_decoder(root, manifest, usable_cores())
+    res.checks.append(check)
+    if decoder is None:
+        return res
+    try:
+        rows = golden.read(root / GOLDEN_GENERATION)
+    except BundleError as e:
+        res.checks.append(Check("golden", "bad", e.one_line()))
+        return res
+    cmp = golden.compare_generations(decoder, tokenizer, rows)
+    detail = (f"{cmp.exact}/{cmp.n} prompts regenerate exactly; teacher-forced agreement >= {cmp.min_agreement:.3f} "
+              f"(tolerance: first {golden.GOLDEN_PREFIX_TOKENS} tokens exact, agreement >= "
+              f"{golden.GOLDEN_MIN_AGREEMENT:g})")
+    problems = [f"golden line {i + 1} ({rows[i].get('name')}): the prompt tokenizes differently now (tokenizer or "
+                "chat template changed)" for i in cmp.prompt_changed]
+    problems += [f"golden line {i + 1} ({rows[i].get('name')}): token {cmp.first_mismatch[i]} differs "
+                 f"(the first {golden.GOLDEN_PREFIX_TOKENS} must match)" for i in cmp.prefix_failures]
+    problems += [f"golden line {i + 1} ({rows[i].get('name')}): teacher-forced agreement {cmp.agreement[i]:.3f} < "
+                 f"{golden.GOLDEN_MIN_AGREEMENT:g}" for i in cmp.agreement_failures if i not in cmp.prefix_failures]
+    res.checks.append(Check("golden", "ok" if cmp.ok else "fail", detail, problems, cmp.to_dict()))
+    res.checks.extend(_scale_checks(root, manifest, require))
+    res.checks.append(Check("latency", "skipped", "text-generation bundles record no latency reference (tokens/s: "
+                                                  "MODEL_CARD.md)"))
+    return res
+
+
 def verify(bundle: str | Path, *, skip_latency: bool = False, latency_seconds: float = 4.0,
            require: tuple[str, ...] = ()) -> VerifyResult:
     """Run the checks in order; a bad step stops the ones that depend on it. Raises BundleError only
@@ -242,6 +311,8 @@ def verify(bundle: str | Path, *, skip_latency: bool = False, latency_seconds: f
     res.checks.append(_checksums(root, manifest))
     if res.checks[-1].status != "ok":
         return res
+    if manifest.get("task") == TASK_GENERATION:
+        return _verify_generation(root, manifest, res, require)
     threads = _threads(manifest, res.notes)
     check, runner = _load(root, manifest, threads)
     res.checks.append(check)

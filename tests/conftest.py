@@ -89,3 +89,13 @@ def tiny_llama_tok(tiny_llama):
     from edgeft.decoder.model import load_tokenizer
 
     return load_tokenizer(tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_run(tmp_path_factory) -> Path:
+    """A real text-generation run folder (`edgeft run` on a tiny recipe: the tiny Llama with an 8192-token
+    context, so a generation can run long enough to be interrupted; compress int8 + int4, a short bench),
+    built once (tests/unit/decoder_helpers.py); read-only: copy it to change it."""
+    from decoder_helpers import make_decoder_run
+
+    return make_decoder_run(tmp_path_factory.mktemp("decoder-run"), context=8192)

@@ -6,12 +6,17 @@ OrtValues and are bound as the next step's ``past_key_values.*`` inputs (no copy
 the attention mask and position ids are views of arrays allocated once for the whole generation.
 Prompt (prefill) and decode time are counted separately: time to first token, prompt tok/s and
 decode tok/s (new tokens after the first, per second of decode steps).
+
+``OrtDecoder.stream`` is the step API the server uses: the same loop as a generator of token ids,
+greedy or sampled (:class:`Sampling`: temperature, top-p, seed); closing it stops the computation.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +53,51 @@ class GenerateResult:
         out = asdict(self)
         out.update(prompt_tok_s=self.prompt_tok_s, decode_tok_s=self.decode_tok_s, new_tokens=len(self.tokens))
         return out
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked from the logits: ``temperature`` 0 is greedy (arg-max, no RNG);
+    above 0 the softmax of logits / temperature, cut to the smallest set of tokens whose probability
+    reaches ``top_p`` (nucleus sampling), sampled with a generator seeded by ``seed`` (None: fresh
+    entropy, so two requests differ)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise DataError(f"temperature {self.temperature} must be a number >= 0", "use 0 (greedy) to 2")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise DataError(f"top_p {self.top_p} must be in (0, 1]", "use e.g. 0.9, or 1 for no cut")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def rng(self) -> np.random.Generator | None:
+        return None if self.greedy else np.random.default_rng(self.seed)
+
+
+GREEDY = Sampling()
+
+
+def sample_next(logits: np.ndarray, sampling: Sampling = GREEDY, rng: np.random.Generator | None = None) -> int:
+    """The next token id from one position's logits [vocab] (see :class:`Sampling`)."""
+    if sampling.greedy:
+        return int(np.argmax(logits))
+    z = np.asarray(logits, dtype=np.float64) / sampling.temperature
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    if sampling.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = order[:int(np.searchsorted(cum, sampling.top_p)) + 1]  # at least one token
+        q = p[keep] / p[keep].sum()
+        return int(keep[(rng or np.random.default_rng()).choice(len(keep), p=q)])
+    return int((rng or np.random.default_rng()).choice(len(p), p=p))
 
 
 def check_prompt(prompt_ids, max_new_tokens: int, context: int) -> list[int]:
@@ -153,6 +203,7 @@ class OrtDecoder:
         t1 = time.perf_counter()
         stopped = eos_token_id is not None and token == eos_token_id
         length = n
+        step_s, t_step = [], t1  # each decode step's seconds (extra["decode_step_s"]): the gate's raw samples
         while len(tokens) < max_new_tokens and not stopped:
             presents = outs[1:]
             binding.clear_binding_inputs()
@@ -167,8 +218,70 @@ class OrtDecoder:
             token = int(np.argmax(outs[0].numpy()[0, -1]))
             tokens.append(token)
             stopped = eos_token_id is not None and token == eos_token_id
+            t_prev, t_step = t_step, time.perf_counter()
+            step_s.append(t_step - t_prev)
         t2 = time.perf_counter()
-        return GenerateResult(tokens, n, t1 - t0, t2 - t1, stopped_at_eos=stopped)
+        return GenerateResult(tokens, n, t1 - t0, t2 - t1, stopped_at_eos=stopped, extra={"decode_step_s": step_s})
+
+    def stream(self, prompt_ids, max_new_tokens: int, *, sampling: Sampling = GREEDY,
+               stop_token_ids: Iterable[int] = (), feed: list[int] | None = None) -> Iterator[int]:
+        """New token ids one at a time after ``prompt_ids`` (batch 1): up to ``max_new_tokens``, ending
+        after the first of ``stop_token_ids`` (yielded). Greedy by default (then the tokens are
+        :meth:`generate`'s). The prompt is checked here, at the call (a one-line DataError); closing the
+        generator (``close()``, or leaving a ``for`` loop) stops it before the next model step, so a
+        caller whose client left frees the session at once.
+
+        ``feed`` (teacher forcing): the i-th token fed back to the model is ``feed[i]`` instead of its
+        i-th pick, through the same KV-cache steps; what is yielded is still the model's own pick."""
+        ids = check_prompt(prompt_ids, max_new_tokens, self.context)
+        if feed is not None and len(feed) < max_new_tokens - 1:
+            raise DataError(f"feed has {len(feed)} tokens for {max_new_tokens} steps", "give max_new_tokens - 1 or more")
+        return self._steps(ids, max_new_tokens, sampling, frozenset(int(t) for t in stop_token_ids), feed)
+
+    def _steps(self, ids: list[int], max_new_tokens: int, sampling: Sampling, stops: frozenset,
+               feed: list[int] | None = None) -> Iterator[int]:
+        # The loop of generate(), as a generator: same binding, same arg-max when greedy.
+        n, total = len(ids), len(ids) + max_new_tokens
+        mask = np.ones((1, total), dtype=np.int64)
+        positions = np.arange(total, dtype=np.int64).reshape(1, total)
+        step_ids = np.zeros((1, 1), dtype=np.int64)
+        binding = self.session.io_binding()
+        out_names = ["logits", *self.present_names]
+        rng = sampling.rng()
+
+        def bind_common(input_ids: np.ndarray, length: int, start: int):
+            binding.bind_cpu_input("input_ids", input_ids)
+            if self.has_attention_mask:
+                binding.bind_cpu_input("attention_mask", mask[:, :length])
+            if self.has_position_ids:
+                binding.bind_cpu_input("position_ids", positions[:, start:length])
+            for name in out_names:
+                binding.bind_output(name, "cpu")
+
+        prompt = np.asarray([ids], dtype=np.int64)
+        bind_common(prompt, n, 0)
+        past = self.empty_past(1)
+        for name in self.past_names:
+            binding.bind_cpu_input(name, past)
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        produced, length = 0, n
+        while True:
+            token = sample_next(outs[0].numpy()[0, -1], sampling, rng)
+            produced += 1
+            yield token
+            if produced >= max_new_tokens or token in stops:
+                return
+            presents = outs[1:]
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            step_ids[0, 0] = token if feed is None else int(feed[produced - 1])
+            length += 1
+            bind_common(step_ids, length, length - 1)
+            for name, value in zip(self.past_names, presents):
+                binding.bind_ortvalue_input(name, value)
+            self.session.run_with_iobinding(binding)
+            outs = binding.get_outputs()
 
 
 def torch_greedy(model, prompt_ids, max_new_tokens: int, *, eos_token_id: int | None = None) -> GenerateResult:
@@ -186,14 +299,18 @@ def torch_greedy(model, prompt_ids, max_new_tokens: int, *, eos_token_id: int | 
         tokens = [token]
         past = out.past_key_values
         stopped = eos_token_id is not None and token == eos_token_id
+        step_s, t_step = [], t1  # as OrtDecoder.generate: extra["decode_step_s"]
         while len(tokens) < max_new_tokens and not stopped:
             out = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
             past = out.past_key_values
             token = int(out.logits[0, -1].argmax())
             tokens.append(token)
             stopped = eos_token_id is not None and token == eos_token_id
+            t_prev, t_step = t_step, time.perf_counter()
+            step_s.append(t_step - t_prev)
         t2 = time.perf_counter()
-    return GenerateResult(tokens, len(ids), t1 - t0, t2 - t1, stopped_at_eos=stopped, runtime="torch")
+    return GenerateResult(tokens, len(ids), t1 - t0, t2 - t1, stopped_at_eos=stopped, runtime="torch",
+                          extra={"decode_step_s": step_s})
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -351,6 +351,31 @@ class _TEI:
         return JSONResponse(out[0] if single else out, headers=headers)
 
 
+def health_handlers(state: ServerState):
+    """The routes every edgeft server has, keyless: live, ready (503 until warmed up and while draining),
+    /health (TEI), /metrics (Prometheus)."""
+
+    async def live(request):
+        return JSONResponse({"live": True})
+
+    async def ready(request):
+        ok = state.ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    async def health(request):
+        ok = state.ready()
+        return Response(status_code=200 if ok else 503)
+
+    async def metrics_route(request):
+        state.ready()
+        state.metrics.pending.set(state.pending)
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(state.metrics.render(), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    return live, ready, health, metrics_route
+
+
 def build_app(info: ModelInfo, config: ServeConfig, engine, metrics: Metrics | None = None,
               keys: KeyStore | None = None):
     """The ASGI app (routes wrapped in the request-id / access-log middleware); its ``.state`` is the
@@ -363,12 +388,7 @@ def build_app(info: ModelInfo, config: ServeConfig, engine, metrics: Metrics | N
     limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps > 0 else None
     state = ServerState(config, info, engine, metrics, keys, limiter)
 
-    async def live(request):
-        return JSONResponse({"live": True})
-
-    async def ready(request):
-        ok = state.ready()
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+    live, ready, health, metrics_route = health_handlers(state)
 
     async def server_meta(request):
         try:
@@ -419,17 +439,6 @@ def build_app(info: ModelInfo, config: ServeConfig, engine, metrics: Metrics | N
                              "max_input_length": info.max_length, "max_client_batch_size": config.max_items,
                              "max_batch_tokens": config.max_batch_tokens, "max_batch_requests": config.max_batch_size,
                              "max_concurrent_requests": config.queue_capacity, "version": __version__})
-
-    async def health(request):
-        ok = state.ready()
-        return Response(status_code=200 if ok else 503)
-
-    async def metrics_route(request):
-        state.ready()
-        metrics.pending.set(state.pending)
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return Response(metrics.render(), headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def not_found(request, exc):
         status = getattr(exc, "status_code", 404)

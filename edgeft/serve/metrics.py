@@ -5,6 +5,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REJECTION_REASONS = ("queue_full", "rate_limited", "auth", "too_large", "invalid", "timeout")
+# Text generation: why a generation ended (stop: eos or a stop string; length: max_tokens or the context;
+# cancelled: the client left; error: the model failed).
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+TTFT_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
 def _time_buckets(budget_s: float) -> list[float]:
@@ -13,7 +17,7 @@ def _time_buckets(budget_s: float) -> list[float]:
 
 
 class Metrics:
-    def __init__(self, *, latency_budget_s: float = 0.1, queue_capacity: int = 0):
+    def __init__(self, *, latency_budget_s: float = 0.1, queue_capacity: int = 0, generation: bool = False):
         self.registry = r = CollectorRegistry()
         b = _time_buckets(latency_budget_s)
         self.requests = Counter("edgeft_requests", "Inference requests answered, by HTTP status", ["status"], registry=r)
@@ -41,6 +45,18 @@ class Metrics:
                                 ["version", "bundle_digest", "model"], registry=r)
         self.auth_failures = Counter("edgeft_auth_failures", "Requests with a missing, malformed or wrong key",
                                      registry=r)
+        if generation:  # a text-generation bundle's server (edgeft.serve.generation)
+            self.generated_tokens = Counter("edgeft_generated_tokens", "Tokens generated (an ending eos included)",
+                                            registry=r)
+            self.prompt_tokens = Counter("edgeft_prompt_tokens", "Prompt tokens of the generations started",
+                                         registry=r)
+            self.time_to_first_token = Histogram("edgeft_time_to_first_token_seconds",
+                                                 "Admission to the first generated token (queue + prompt)",
+                                                 buckets=TTFT_BUCKETS_S, registry=r)
+            self.generations = Counter("edgeft_generation_requests", "Generations ended, by finish reason",
+                                       ["finish_reason"], registry=r)
+            for reason in FINISH_REASONS:
+                self.generations.labels(reason)
 
     def observe_batch(self, rows: int, tokens: list[int]) -> None:
         """Engines call this once per computed batch (from any thread)."""

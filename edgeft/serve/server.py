@@ -2,6 +2,8 @@
 
 - The bundle's checksums are verified before any model file is parsed (open_bundle).
 - /v2/health/ready answers 503 until the warm-up batches ran.
+- A text-generation bundle (a decoder LM) gets the OpenAI-compatible routes (edgeft.serve.completions)
+  on the same process, auth, limits, log and metrics; a classification bundle the KServe V2 / TEI ones.
 - SIGTERM / SIGINT: readiness goes to 503 at once, uvicorn stops accepting, queued and
   in-flight requests finish (up to ``shutdown_timeout_s``), the worker drains, exit 0.
 - SIGHUP re-reads the key file (a bad file keeps the old keys and logs why).
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import calendar
 import ipaddress
 import json
 import logging
@@ -129,11 +132,46 @@ def process_age_s() -> float:
         return time.time() - psutil.Process().create_time()
 
 
+def build_generation(bundle, config: ServeConfig, keys):
+    """A text-generation bundle: its decoder (a KV-cache ONNX model), tokenizer, generation engine and the
+    OpenAI-compatible app (edgeft.serve.completions)."""
+    from edgeft.decoder.generate import OrtDecoder
+    from edgeft.decoder.text import DecoderTokenizer
+    from edgeft.serve.completions import GenerationInfo, build_generation_app
+    from edgeft.serve.generation import GenerationEngine
+    from edgeft.serve.metrics import Metrics
+
+    if config.engine != "embedded":
+        raise ServeRefused(f"engine: {config.engine} serves text-classification bundles only; this bundle is a "
+                           "text-generation model", "serve it with engine: embedded (the default)")
+    decoder = OrtDecoder(bundle.onnx_path, threads=config.threads, spinning=config.ort_spinning)
+    tokenizer = DecoderTokenizer(bundle.model_dir)
+    try:
+        context = bundle.context_length
+    except (KeyError, TypeError, ValueError):
+        raise ServeRefused("the bundle's manifest has no model.context_length", "re-ship the bundle") from None
+    if context != decoder.context:
+        raise ServeRefused(f"the manifest says a context of {context} tokens, model/config.json {decoder.context}",
+                           "re-ship the bundle")
+    metrics = Metrics(latency_budget_s=config.latency_budget_ms / 1000, queue_capacity=config.queue_capacity,
+                      generation=True)
+    engine = GenerationEngine(decoder, tokenizer, slots=config.generation_slots, queue_capacity=config.queue_capacity,
+                              warmup=config.warmup_batches, metrics=metrics)
+    created = bundle.manifest.get("created")
+    try:
+        created_unix = calendar.timegm(time.strptime(str(created), "%Y-%m-%dT%H:%M:%SZ"))
+    except (ValueError, OverflowError):
+        created_unix = 0
+    info = GenerationInfo(bundle.name, bundle.version, bundle.digest, context, created_unix,
+                          tokenizer.chat_template is not None)
+    return build_generation_app(info, config, engine, tokenizer, metrics, keys), engine
+
+
 def build_server(bundle_path: str | Path, config: ServeConfig):
     """Open, check and load everything; return (uvicorn.Server, engine, state). Raises EdgeftError."""
     import uvicorn
 
-    from edgeft.bundle import open_bundle
+    from edgeft.bundle import TASK_GENERATION, open_bundle
     from edgeft.serve.app import ModelInfo, build_app
     from edgeft.serve.auth import KeyStore
     from edgeft.serve.batcher import BatchingEngine
@@ -143,20 +181,23 @@ def build_server(bundle_path: str | Path, config: ServeConfig):
     check_exposure(config)
     keys = KeyStore(config.keys) if config.keys is not None else None
     bundle = open_bundle(bundle_path)  # checksums first: a tampered bundle is never parsed
-    max_length = config.max_length or bundle.max_length
-    runner = ModelRunner(bundle.model_dir, bundle.onnx_path, max_length=max_length, threads=config.threads,
-                         spinning=config.ort_spinning)
-    if runner.num_labels is not None and runner.num_labels != len(bundle.labels):
-        raise ServeRefused(f"the model has {runner.num_labels} outputs but the bundle lists {len(bundle.labels)} labels",
-                           "re-ship the bundle")
-    metrics = Metrics(latency_budget_s=config.latency_budget_ms / 1000, queue_capacity=config.queue_capacity)
-    engine = BatchingEngine(runner, bundle.labels, max_batch_size=config.max_batch_size,
-                            max_batch_tokens=config.max_batch_tokens, max_queue_delay_ms=config.max_queue_delay_ms,
-                            queue_capacity=config.queue_capacity, warmup_batches=config.warmup_batches,
-                            on_batch=metrics.observe_batch)
-    info = ModelInfo(bundle.name, bundle.version, bundle.labels, bundle.digest, max_length)
-    app = build_app(info, config, engine, metrics, keys)
-    engine.admitted = lambda: app.state.pending  # requests admitted by the HTTP layer, answered or not
+    if bundle.task == TASK_GENERATION:
+        app, engine = build_generation(bundle, config, keys)
+    else:
+        max_length = config.max_length or bundle.max_length
+        runner = ModelRunner(bundle.model_dir, bundle.onnx_path, max_length=max_length, threads=config.threads,
+                             spinning=config.ort_spinning)
+        if runner.num_labels is not None and runner.num_labels != len(bundle.labels):
+            raise ServeRefused(f"the model has {runner.num_labels} outputs but the bundle lists {len(bundle.labels)} "
+                               "labels", "re-ship the bundle")
+        metrics = Metrics(latency_budget_s=config.latency_budget_ms / 1000, queue_capacity=config.queue_capacity)
+        engine = BatchingEngine(runner, bundle.labels, max_batch_size=config.max_batch_size,
+                                max_batch_tokens=config.max_batch_tokens, max_queue_delay_ms=config.max_queue_delay_ms,
+                                queue_capacity=config.queue_capacity, warmup_batches=config.warmup_batches,
+                                on_batch=metrics.observe_batch)
+        info = ModelInfo(bundle.name, bundle.version, bundle.labels, bundle.digest, max_length)
+        app = build_app(info, config, engine, metrics, keys)
+        engine.admitted = lambda: app.state.pending  # requests admitted by the HTTP layer, answered or not
     ucfg = uvicorn.Config(app, host=config.host, port=config.port, http=header_deadline_protocol(config.receive_timeout_s, config.http),
                           lifespan="off", log_config=None, access_log=False, server_header=False,
                           timeout_keep_alive=int(max(1, config.keep_alive_s)), limit_concurrency=config.max_connections,
