@@ -143,6 +143,11 @@ class OrtDecoder:
         heads, head_dim = self._kv_dims(first.shape)
         self.kv_heads, self.head_dim = heads, head_dim
         self.context = folder_context_length(self.path.parent)
+        # onnxruntime-genai's builder writes GroupQueryAttention, which updates a shared KV buffer in place
+        self.shares_kv = (self.path.parent / "genai_config.json").is_file()
+        self.vocab = int(_config(self.path.parent).get("vocab_size") or 0)
+        if self.shares_kv and not self.vocab:
+            self.shares_kv = False  # no config.json beside it: the per-step present tensors work everywhere
 
     def _kv_dims(self, shape) -> tuple[int, int]:
         dims = list(shape)
@@ -172,56 +177,19 @@ class OrtDecoder:
 
     def generate(self, prompt_ids, max_new_tokens: int, *, eos_token_id: int | None = None) -> GenerateResult:
         """Greedy decoding of up to ``max_new_tokens`` after ``prompt_ids`` (batch 1); stops after
-        ``eos_token_id`` when one is given."""
+        ``eos_token_id`` when one is given. Times the prefill (to the first token) and every decode step."""
         ids = check_prompt(prompt_ids, max_new_tokens, self.context)
-        n, total = len(ids), len(ids) + max_new_tokens
-        mask = np.ones((1, total), dtype=np.int64)  # allocated once; each step binds a view
-        positions = np.arange(total, dtype=np.int64).reshape(1, total)
-        step_ids = np.zeros((1, 1), dtype=np.int64)
-        binding = self.session.io_binding()
-        out_names = ["logits", *self.present_names]
-
-        def bind_common(input_ids: np.ndarray, length: int, start: int):
-            binding.bind_cpu_input("input_ids", input_ids)
-            if self.has_attention_mask:
-                binding.bind_cpu_input("attention_mask", mask[:, :length])
-            if self.has_position_ids:
-                binding.bind_cpu_input("position_ids", positions[:, start:length])
-            for name in out_names:
-                binding.bind_output(name, "cpu")
-
+        steps = self._steps(ids, max_new_tokens, GREEDY, frozenset() if eos_token_id is None else {int(eos_token_id)})
         t0 = time.perf_counter()
-        prompt = np.asarray([ids], dtype=np.int64)
-        bind_common(prompt, n, 0)
-        past = self.empty_past(1)
-        for name in self.past_names:
-            binding.bind_cpu_input(name, past)
-        self.session.run_with_iobinding(binding)
-        outs = binding.get_outputs()
-        token = int(np.argmax(outs[0].numpy()[0, -1]))
-        tokens = [token]
-        t1 = time.perf_counter()
-        stopped = eos_token_id is not None and token == eos_token_id
-        length = n
-        step_s, t_step = [], t1  # each decode step's seconds (extra["decode_step_s"]): the gate's raw samples
-        while len(tokens) < max_new_tokens and not stopped:
-            presents = outs[1:]
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
-            step_ids[0, 0] = token
-            length += 1
-            bind_common(step_ids, length, length - 1)
-            for name, value in zip(self.past_names, presents):
-                binding.bind_ortvalue_input(name, value)
-            self.session.run_with_iobinding(binding)
-            outs = binding.get_outputs()
-            token = int(np.argmax(outs[0].numpy()[0, -1]))
+        tokens = [next(steps)]
+        t1 = t_step = time.perf_counter()
+        step_s = []  # each decode step's seconds (extra["decode_step_s"]): the gate's raw samples
+        for token in steps:
             tokens.append(token)
-            stopped = eos_token_id is not None and token == eos_token_id
             t_prev, t_step = t_step, time.perf_counter()
             step_s.append(t_step - t_prev)
-        t2 = time.perf_counter()
-        return GenerateResult(tokens, n, t1 - t0, t2 - t1, stopped_at_eos=stopped, extra={"decode_step_s": step_s})
+        stopped = eos_token_id is not None and tokens[-1] == eos_token_id
+        return GenerateResult(tokens, len(ids), t1 - t0, t_step - t1, stopped_at_eos=stopped, extra={"decode_step_s": step_s})
 
     def stream(self, prompt_ids, max_new_tokens: int, *, sampling: Sampling = GREEDY,
                stop_token_ids: Iterable[int] = (), feed: list[int] | None = None) -> Iterator[int]:
@@ -240,48 +208,72 @@ class OrtDecoder:
 
     def _steps(self, ids: list[int], max_new_tokens: int, sampling: Sampling, stops: frozenset,
                feed: list[int] | None = None) -> Iterator[int]:
-        # The loop of generate(), as a generator: same binding, same arg-max when greedy.
+        """The decode loop (prompt checked by the caller). A fused graph (GroupQueryAttention) reads and
+        writes one KV buffer per layer, allocated once for prompt + new tokens and bound as both its past
+        input and its present output; each step then binds only the new token, the mask and the logits.
+        Other graphs get each step's ``present.*`` OrtValues bound as the next step's past."""
         n, total = len(ids), len(ids) + max_new_tokens
-        mask = np.ones((1, total), dtype=np.int64)
+        mask = np.ones((1, total), dtype=np.int64)  # allocated once; each step binds a view
         positions = np.arange(total, dtype=np.int64).reshape(1, total)
         step_ids = np.zeros((1, 1), dtype=np.int64)
         binding = self.session.io_binding()
-        out_names = ["logits", *self.present_names]
         rng = sampling.rng()
 
-        def bind_common(input_ids: np.ndarray, length: int, start: int):
+        def bind_step(input_ids: np.ndarray, length: int, start: int):
             binding.bind_cpu_input("input_ids", input_ids)
             if self.has_attention_mask:
                 binding.bind_cpu_input("attention_mask", mask[:, :length])
             if self.has_position_ids:
                 binding.bind_cpu_input("position_ids", positions[:, start:length])
-            for name in out_names:
-                binding.bind_output(name, "cpu")
 
-        prompt = np.asarray([ids], dtype=np.int64)
-        bind_common(prompt, n, 0)
+        bind_step(np.asarray([ids], dtype=np.int64), n, 0)
         past = self.empty_past(1)
         for name in self.past_names:
             binding.bind_cpu_input(name, past)
+        for name in ("logits", *self.present_names):
+            binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
+        last = outs[0].numpy()[0, -1]
+        if self.shares_kv:  # the prompt's keys/values into buffers for every position, then bound in place
+            from onnxruntime import OrtValue
+
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            buffers = []  # the OrtValues (and the arrays they wrap) must outlive the binding
+            for past_name, present_name, value in zip(self.past_names, self.present_names, outs[1:]):
+                kv = np.zeros((1, self.kv_heads, total, self.head_dim), self.kv_dtype)
+                kv[:, :, :n] = value.numpy()
+                buffers.append(OrtValue.ortvalue_from_numpy(kv))
+                binding.bind_ortvalue_input(past_name, buffers[-1])
+                binding.bind_ortvalue_output(present_name, buffers[-1])
+            logits = OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.vocab), np.float32))
+            binding.bind_ortvalue_output("logits", logits)
         produced, length = 0, n
         while True:
-            token = sample_next(outs[0].numpy()[0, -1], sampling, rng)
+            token = sample_next(last, sampling, rng)
             produced += 1
             yield token
             if produced >= max_new_tokens or token in stops:
                 return
+            step_ids[0, 0] = token if feed is None else int(feed[produced - 1])
+            length += 1
+            if self.shares_kv:
+                bind_step(step_ids, length, length - 1)
+                self.session.run_with_iobinding(binding)
+                last = logits.numpy()[0, -1]
+                continue
             presents = outs[1:]
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
-            step_ids[0, 0] = token if feed is None else int(feed[produced - 1])
-            length += 1
-            bind_common(step_ids, length, length - 1)
+            bind_step(step_ids, length, length - 1)
             for name, value in zip(self.past_names, presents):
                 binding.bind_ortvalue_input(name, value)
+            for name in ("logits", *self.present_names):
+                binding.bind_output(name, "cpu")
             self.session.run_with_iobinding(binding)
             outs = binding.get_outputs()
+            last = outs[0].numpy()[0, -1]
 
 
 def torch_greedy(model, prompt_ids, max_new_tokens: int, *, eos_token_id: int | None = None) -> GenerateResult:
