@@ -669,8 +669,8 @@ NOTES = [
     "the fp32 export edgeft used before (7,425 nodes vs 341).",
     "onnxruntime-genai rows: its Generator (greedy, min_length = max_length so it never stops early) over the "
     "same model files as the edgeft rows of that name; timed the same way around append_tokens and "
-    "generate_next_token. It keeps a static KV buffer (past_present_share_buffer); edgeft's loop binds growing "
-    "past/present OrtValues.",
+    "generate_next_token. Both keep a static KV buffer per layer (genai: past_present_share_buffer; edgeft's loop "
+    "binds one buffer as past and present on fused graphs).",
     "Size on disk: edgeft = the model.onnx (+ external data) files; llama.cpp = the .gguf file.",
     "edgeft int4 hqq: ORT's HQQ writes float zero points into MatMulNBits; ORT 1.32's int8-compute kernel "
     "(accuracy_level 4) does not take them, so it runs the slow dequantize-to-fp32 path whatever "
