@@ -643,6 +643,19 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None, Any,
     return report, bench, recipe, run_manifest
 
 
+def bundle_target(cfg: ShipConfig, run_dir: Path, name: str) -> tuple[Path, Path]:
+    """The bundle folder and its tarball for the model ``name`` (checked: usable in URLs and paths);
+    refuses to overwrite anything but an edgeft bundle, and that only with ``--force``."""
+    try:
+        ShipConfig.model_validate({"run_dir": run_dir, "name": name})
+    except ValidationError:
+        raise EdgeftError(f"the recipe name '{name}' is not usable as a model name", "pass --name NAME") from None
+    out = Path(cfg.out) if cfg.out else run_dir / "bundle"
+    tarball = out.with_name(out.name + ".tar.gz")
+    _check_out(out, tarball, cfg.force)
+    return out, tarball
+
+
 def ship(cfg: ShipConfig, *, extra_parts: Sequence[Part] = ()) -> ShipResult:
     """Build the bundle (see the module docstring). ``extra_parts`` run after the default ones, before
     the manifest and checksums are written, so their files are covered too."""
@@ -655,13 +668,7 @@ def ship(cfg: ShipConfig, *, extra_parts: Sequence[Part] = ()) -> ShipResult:
     report, bench, recipe, run_manifest = load_run(run_dir)
     variant = choose_variant(run_dir, report, bench, cfg)
     name = cfg.name or recipe.name
-    try:
-        ShipConfig.model_validate({"run_dir": run_dir, "name": name})
-    except ValidationError:
-        raise EdgeftError(f"the recipe name '{name}' is not usable as a model name", "pass --name NAME") from None
-    out = Path(cfg.out) if cfg.out else run_dir / "bundle"
-    tarball = out.with_name(out.name + ".tar.gz")
-    _check_out(out, tarball, cfg.force)
+    out, tarball = bundle_target(cfg, run_dir, name)
     if cfg.triton:  # Triton versions are integers: refuse before anything is written
         from edgeft.scale.triton import triton_version
 

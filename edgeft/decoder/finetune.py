@@ -216,7 +216,7 @@ def _split_blocks(data, split: str, tokenizer, block_size: int, limit: int | Non
     elif isinstance(data, Mapping):
         if split not in data:
             raise DataError(f"the data has no {split} split (keys: {', '.join(map(str, data))[:80]})",
-                            f"pass a Corpus or a mapping with train and validation entries")
+                            "pass a Corpus or a mapping with train and validation entries")
         items = data[split]
     else:
         raise DataError(f"the data must be a Corpus or a mapping of split -> documents or token blocks, "

@@ -24,7 +24,7 @@ from edgeft import __version__
 from edgeft.bundle import (BUNDLE_SCHEMA, DECODER_MODEL_FILES, GOLDEN_GENERATION, MANIFEST, MODEL_CARD, MODEL_DIR,
                            MODEL_ONNX, SERVING_DIR, SUMS, TASK_GENERATION, sums_text)
 from edgeft.errors import EdgeftError, GoalMissed
-from edgeft.ship import ShipConfig, ShipResult, _check_out, _onnx_io, write_tarball
+from edgeft.ship import ShipResult, _onnx_io, bundle_target, write_tarball
 
 from edgeft.decoder.pipeline import BENCH_SCHEMA, CANDIDATES, FP32, REPORT_SCHEMA  # the run folder's compress/ layout
 
@@ -313,8 +313,6 @@ def ship_decoder(cfg, *, extra_parts: Sequence = ()) -> DecoderShipResult:
     """Build a text-generation bundle (see the module docstring). ``extra_parts`` (callables of a
     ShipContext-like object with ``stage``, ``manifest``, ``name``, ``version``, ``cfg``) run before the
     manifest and checksums are written, so their files are covered too."""
-    from pydantic import ValidationError
-
     from edgeft.artifacts import atomic_dir, environment_fingerprint, sha256_file
     from edgeft.decoder import golden
     from edgeft.decoder.generate import OrtDecoder
@@ -330,13 +328,7 @@ def ship_decoder(cfg, *, extra_parts: Sequence = ()) -> DecoderShipResult:
     name = cfg.name or (recipe.name if recipe is not None else None)
     if name is None:
         raise EdgeftError(f"{run_dir} has no recipe.yaml to take the model name from", "pass --name NAME")
-    try:
-        ShipConfig.model_validate({"run_dir": run_dir, "name": name})
-    except ValidationError:
-        raise EdgeftError(f"the recipe name '{name}' is not usable as a model name", "pass --name NAME") from None
-    out = Path(cfg.out) if cfg.out else run_dir / "bundle"
-    tarball = out.with_name(out.name + ".tar.gz")
-    _check_out(out, tarball, cfg.force)
+    out, tarball = bundle_target(cfg, run_dir, name)
     src_dir = variant.onnx.parent
     if not (src_dir / "tokenizer.json").is_file() or not (src_dir / "config.json").is_file():
         raise EdgeftError(f"{src_dir} has no tokenizer.json or config.json beside the model",
