@@ -270,3 +270,20 @@ def load_onnx_checked(model_path: str | Path, *, full_check: bool = False):
             return onnx.load(str(model_path))
         raise ModelError(f"{model_path} fails the ONNX checker ({str(e).splitlines()[0][:200]})",
                          "re-export the model") from None
+
+
+def load_fast_tokenizer(folder: str | Path):
+    """``folder/tokenizer.json`` with the ``tokenizers`` library (no transformers import: servers start
+    fast), padding and truncation off; a missing or unreadable file is one ModelError."""
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise ModelError(f"{path} not found: the bundle has no fast tokenizer", "re-ship the bundle with edgeft ship")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
+        raise ModelError(f"cannot read {path} ({' '.join(str(e).split())[:200]})", "re-ship the bundle") from None
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer

@@ -92,6 +92,16 @@ def tiny_llama_tok(tiny_llama):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_blocks(tiny_llama_tok):
+    """Four 48-token blocks of the tiny corpus text: the export and quantization checks' validation blocks."""
+    from test_decoder_tiny import TEXT
+
+    from edgeft.decoder.corpus import token_blocks
+
+    return token_blocks(tiny_llama_tok, [TEXT] * 4, 48, max_blocks=4)
+
+
+@pytest.fixture(scope="session")
 def tiny_decoder_run(tmp_path_factory) -> Path:
     """A real text-generation run folder (`edgeft run` on a tiny recipe: the tiny Llama with an 8192-token
     context, so a generation can run long enough to be interrupted; compress int8 + int4, a short bench),

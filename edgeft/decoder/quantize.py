@@ -211,20 +211,23 @@ def builder_options(scheme: WeightOnlyScheme) -> tuple[str, dict[str, str]]:
 
 def check_scheme_for_exporter(scheme: WeightOnlyScheme, exporter: str) -> None:
     """One-line errors for a scheme the export cannot take (called before a run folder is made)."""
-    _check_for_graph(scheme, exporter == "genai", source_model="given")
+    _check_for_graph(scheme, exporter == "genai")
     if exporter == "genai":
         from edgeft.decoder import genai
 
         genai.require()
 
 
-def _check_for_graph(scheme: WeightOnlyScheme, fused: bool, source_model) -> None:
+def _check_for_graph(scheme: WeightOnlyScheme, fused: bool) -> None:
     if fused and scheme.algorithm == "gptq":
         raise ModelError("gptq is for optimum exports (on the fused graph it gave garbage)",
                          "use k_quant, hqq or rtn, or set compress.exporter: optimum")
     if scheme.int8_groups and not fused:
         raise ModelError("int8_groups needs the fused export (onnxruntime-genai's builder)",
                          "set compress.exporter: genai, or drop int8_groups")
+
+
+def _check_source(scheme: WeightOnlyScheme, fused: bool, source_model) -> None:
     if fused and scheme.algorithm in ("rtn", "k_quant") and source_model is None:
         raise ModelError("a fused export is quantized by onnxruntime-genai's builder from the Hugging Face folder",
                          "pass source_model (the folder the fp32 export came from)")
@@ -246,7 +249,8 @@ def quantize_weight_only(src: str | Path, dst_dir: str | Path, scheme: WeightOnl
 
     src, dst_dir = Path(src), Path(dst_dir)
     fused = is_fused(src)
-    _check_for_graph(scheme, fused, source_model)
+    _check_for_graph(scheme, fused)
+    _check_source(scheme, fused, source_model)
     if fused and scheme.algorithm in ("rtn", "k_quant"):
         from edgeft.decoder import genai
 

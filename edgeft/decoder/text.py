@@ -20,7 +20,6 @@ from typing import Any
 
 from edgeft.errors import DataError, ModelError
 
-TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that do not (yet) form a character
@@ -101,18 +100,10 @@ class DecoderTokenizer:
     ends a generation (generation_config.json, config.json and the tokenizer's eos token)."""
 
     def __init__(self, folder: str | Path):
-        from tokenizers import Tokenizer
+        from edgeft.safeio import load_fast_tokenizer
 
         self.folder = Path(folder)
-        path = self.folder / TOKENIZER_JSON
-        if not path.is_file():
-            raise ModelError(f"{path} not found: the model has no fast tokenizer", "re-ship the bundle with edgeft ship")
-        try:
-            self.tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
-            raise ModelError(f"cannot read {path} ({' '.join(str(e).split())[:200]})", "re-ship the bundle") from None
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
+        self.tokenizer = load_fast_tokenizer(self.folder)
         cfg = _read_json(self.folder / TOKENIZER_CONFIG)
         special = {**_read_json(self.folder / "special_tokens_map.json"), **cfg}
         self.special_tokens = {k: _token_text(special.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}

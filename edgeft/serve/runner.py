@@ -50,19 +50,11 @@ def _pad_token(model_dir: Path) -> str:
 class ModelRunner:
     def __init__(self, model_dir: str | Path, onnx_path: str | Path, *, max_length: int, threads: int | None = None,
                  spinning: bool = True):
-        from tokenizers import Tokenizer
-
         from edgeft.onnx_eval import make_session
+        from edgeft.safeio import load_fast_tokenizer
 
         model_dir = Path(model_dir)
-        tj = model_dir / "tokenizer.json"
-        if not tj.is_file():
-            raise ModelError(f"{tj} not found: the bundle has no fast tokenizer", "re-ship the bundle with edgeft ship")
-        try:
-            self.tokenizer = Tokenizer.from_file(str(tj))
-        except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
-            raise ModelError(f"cannot read {tj} ({' '.join(str(e).split())[:200]})", "re-ship the bundle") from None
-        self.tokenizer.no_padding()
+        self.tokenizer = load_fast_tokenizer(model_dir)
         self.tokenizer.enable_truncation(max_length)
         self.pad_id = self.tokenizer.token_to_id(_pad_token(model_dir)) or 0
         self.max_length = max_length

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from edgeft.errors import DataError, EdgeftError, ModelError
-from test_decoder_tiny import TEXT
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +24,8 @@ def tok(tiny_llama_tok):
 
 
 @pytest.fixture(scope="module")
-def blocks(tok):
-    from edgeft.decoder.corpus import token_blocks
-
-    return token_blocks(tok, [TEXT] * 4, 48, max_blocks=4)
+def blocks(tiny_llama_blocks):
+    return tiny_llama_blocks
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import json
 import pytest
 
 from edgeft.errors import EdgeftError, ModelError
-from test_decoder_tiny import TEXT
 
 pytest.importorskip("onnxruntime_genai")
 
@@ -21,10 +20,8 @@ def _one_line(e: EdgeftError) -> str:
 
 
 @pytest.fixture(scope="module")
-def blocks(tiny_llama_tok):
-    from edgeft.decoder.corpus import token_blocks
-
-    return token_blocks(tiny_llama_tok, [TEXT] * 4, 48, max_blocks=4)
+def blocks(tiny_llama_blocks):
+    return tiny_llama_blocks
 
 
 @pytest.fixture(scope="module")
