@@ -4,7 +4,7 @@ Two exporters (``exporter``):
 
 - ``genai`` (the default): onnxruntime-genai's model builder (edgeft.decoder.genai), ONNX Runtime's
   fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization): 341 nodes for SmolLM2-135M,
-  about 2x optimum's decode speed. Llama-family models only; it keeps a tied lm_head tied (its
+  faster than optimum's (SmolLM2 fp32: 47.5 vs 41.8 tok/s at 1 thread, 61.7 vs 40.9 at 2). Llama-family models only; it keeps a tied lm_head tied (its
   quantizer shares one quantized matrix between the embedding and the lm_head).
 - ``optimum``: optimum's ``text-generation-with-past`` (any causal LM optimum supports; 7,425 nodes
   for SmolLM2). The lm_head is untied from the embedding first: tied, the exporter writes it as a

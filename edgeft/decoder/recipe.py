@@ -52,7 +52,7 @@ def _default_schemes() -> list[SchemeConfig]:
 
 class DecoderCompressConfig(_Strict):
     exporter: Literal["genai", "optimum"] = Field(
-        "genai", description="genai = onnxruntime-genai's fused graph (Llama family, ~2x faster); optimum = any causal LM")
+        "genai", description="genai = onnxruntime-genai's fused graph (Llama family, faster); optimum = any causal LM")
     schemes: list[SchemeConfig] = Field(default_factory=_default_schemes,
                                         description="weight-only candidates; each is checked against the fp32 ONNX model")
     max_perplexity_increase: float = Field(0.02, gt=0, le=1.0, description="relative, on validation blocks (0.02 = 2%)")
